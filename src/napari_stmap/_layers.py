@@ -1,0 +1,160 @@
+"""Layer-data tuples for slides and measured bins (napari's ``(data, kwargs, layer_type)``).
+
+No napari import here: the tuples are plain data, so the reader, the sample data and the docks
+share them and tests can check them without a viewer. The world is in µm: a layer of a slide
+with ``mpp`` µm/px gets ``scale=(mpp, mpp)``. When µm/px is unknown the world falls back to
+level-0 px (``mpp = 1``) and the layer metadata says so.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .core.slide import Slide
+    from .core.spots import Spots
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+#: Spots per layer above which measured bins on a regular grid are shown as a raster.
+RASTER_MIN_SPOTS = 5000
+
+
+def slide_layer(slide: Slide, *, name: str | None = None) -> LayerData:
+    """Multiscale RGB image layer of ``slide`` with ``scale=(mpp, mpp)`` (world in µm)."""
+    meta = {
+        "stmap": {
+            "kind": "slide",
+            "path": str(slide.path),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+        }
+    }
+    kwargs = {
+        "name": name or _stem(slide.path),
+        "rgb": True,
+        "multiscale": slide.n_levels > 1,
+        "scale": (slide.mpp, slide.mpp),
+        "metadata": meta,
+    }
+    data = list(slide.levels) if slide.n_levels > 1 else slide.levels[0]
+    return data, kwargs, "image"
+
+
+def spots_layer(
+    spots: Spots,
+    *,
+    values: np.ndarray | None = None,
+    label: str = "total counts",
+    name: str | None = None,
+) -> LayerData:
+    """Measured spots/bins aligned with the slide, coloured by ``values`` (default: total counts).
+
+    Visium HD bins (squares on a regular array grid) become an image raster with an affine that
+    maps (array_row, array_col) to world µm, so millions of 2 µm bins stay cheap; disks (Visium,
+    legacy ST) become a Points layer whose point size is the spot diameter in µm.
+    """
+    if values is None:
+        values = np.asarray(spots.counts.sum(axis=1)).ravel().astype(np.float32)
+    mpp = spots.mpp or 1.0
+    base = name or f"{spots.library_id} {spots.bin_um:g} µm"
+    meta = {
+        "stmap": {
+            "kind": "spots",
+            "source": str(spots.source),
+            "bin_um": spots.bin_um,
+            "mpp": mpp,
+            "label": label,
+        }
+    }
+    if (
+        spots.footprint == "square"
+        and spots.array_rc is not None
+        and spots.n_spots >= RASTER_MIN_SPOTS
+    ):
+        return _bin_raster(spots, values, mpp, f"{base} bins ({label})", meta)
+    return _spot_points(spots, values, mpp, f"{base} spots ({label})", meta)
+
+
+def _spot_points(spots: Spots, values: np.ndarray, mpp: float, name: str, meta: dict) -> LayerData:
+    finite = values[np.isfinite(values)]
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    kwargs = {
+        "name": name,
+        "size": spots.size_px * mpp,
+        "symbol": "disc" if spots.footprint == "disk" else "square",
+        "features": {"value": values, "barcode": spots.barcodes, "in_tissue": spots.in_tissue},
+        "face_color": "value",
+        "face_colormap": "viridis",
+        "face_contrast_limits": (float(lo), float(max(hi, lo + 1e-6))),
+        "border_width": 0,
+        "opacity": 0.8,
+        "metadata": meta,
+    }
+    return spots.centers_yx * mpp, kwargs, "points"
+
+
+def _bin_raster(spots: Spots, values: np.ndarray, mpp: float, name: str, meta: dict) -> LayerData:
+    rc = spots.array_rc.astype(np.int64)
+    r0, c0 = rc.min(axis=0)
+    shape = tuple(int(v) + 1 for v in rc.max(axis=0) - (r0, c0))
+    raster = np.full(shape, np.nan, dtype=np.float32)
+    raster[rc[:, 0] - r0, rc[:, 1] - c0] = values
+    affine = grid_affine(rc - (r0, c0), spots.centers_yx) * np.array([[mpp], [mpp], [1.0]])
+    finite = values[np.isfinite(values)]
+    hi = float(np.percentile(finite, 99)) if finite.size else 1.0
+    kwargs = {
+        "name": name,
+        "affine": np.vstack([affine, [0.0, 0.0, 1.0]]),
+        "colormap": "magma",
+        "contrast_limits": (0.0, max(hi, 1e-6)),
+        "opacity": 0.7,
+        "metadata": meta,
+    }
+    return raster, kwargs, "image"
+
+
+def grid_affine(rc: np.ndarray, centers_yx: np.ndarray) -> np.ndarray:
+    """Least-squares affine (2, 3) mapping array (row, col) to level-0 px (y, x).
+
+    Visium HD bins sit on a regular grid that may be rotated relative to the image; the fit
+    recovers that rotation, so the raster lines up with the slide.
+    """
+    design = np.column_stack([rc.astype(np.float64), np.ones(len(rc))])
+    coef, *_ = np.linalg.lstsq(design, centers_yx.astype(np.float64), rcond=None)
+    return coef.T
+
+
+def spaceranger_image_layer(spots: Spots, kind: str) -> LayerData:
+    """The hires/lowres image of a Space Ranger folder, scaled into full-resolution coordinates.
+
+    Image px ``u`` relates to full-res px ``f`` by ``u = scalef · f`` (continuous coordinates),
+    so pixel centres map with ``scale = 1/scalef`` and ``translate = 0.5/scalef − 0.5`` (px),
+    both multiplied by µm/px for a world in µm.
+    """
+    image = spots.load_image(kind)
+    inv = 1.0 / spots.image_scale(kind)
+    mpp = spots.mpp or 1.0
+    kwargs = {
+        "name": f"{spots.library_id} ({kind} image)",
+        "rgb": image.ndim == 3,
+        "scale": (inv * mpp, inv * mpp),
+        "translate": ((0.5 * inv - 0.5) * mpp,) * 2,
+        "metadata": {"stmap": {"kind": "spaceranger_image", "image": kind, "mpp": mpp}},
+    }
+    return image, kwargs, "image"
+
+
+def _stem(path) -> str:
+    """File name without extension; generic short names (``he.ome.tif``) get their folder's name."""
+    from pathlib import Path
+
+    path = Path(path)
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)] + ".x"
+    stem = name.rsplit(".", 1)[0]
+    return f"{path.parent.name} {stem}" if len(stem) <= 3 and path.parent.name else stem

@@ -1,0 +1,68 @@
+"""npe2 reader: H&E slides, Space Ranger output folders and spatial ``.h5ad``.
+
+``napari_get_reader`` returns ``None`` for anything it does not recognise and never raises on
+foreign files. Slides open as a multiscale RGB image in µm; measured bins open aligned with the
+slide. A Space Ranger folder (which holds no full-resolution image) also shows its hires image
+scaled into full-resolution coordinates, so the bins sit on the tissue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".jpg", ".jpeg", ".png")
+
+
+def napari_get_reader(path: str | list[str]) -> Callable | None:
+    """Return a reader function for ``path``, or ``None`` when it is not ours."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    try:
+        kind = _classify(Path(path))
+    except Exception:  # a reader must never raise on foreign input
+        logger.debug("napari-stmap: cannot classify %s", path, exc_info=True)
+        return None
+    return {"slide": read_slide_layers, "spots": read_spots_layers}.get(kind)
+
+
+def _classify(path: Path) -> str | None:
+    from .core.spots import detect_spots_layout
+
+    if path.is_dir():
+        return "spots" if detect_spots_layout(path) else None
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        return "spots" if detect_spots_layout(path) else None
+    if suffix in SLIDE_SUFFIXES and path.is_file():
+        return "slide"
+    return None
+
+
+def read_slide_layers(path: str | list[str]) -> list:
+    """Layer data for one slide: ``[(levels, kwargs, "image")]``."""
+    from ._layers import slide_layer
+    from .core.slide import open_slide
+
+    path = path[0] if isinstance(path, list) else path
+    return [slide_layer(open_slide(path))]
+
+
+def read_spots_layers(path: str | list[str]) -> list:
+    """Layer data for measured spots/bins (+ the Space Ranger hires image when present)."""
+    from ._layers import spaceranger_image_layer, spots_layer
+    from .core.spots import read_spots
+
+    path = path[0] if isinstance(path, list) else path
+    spots = read_spots(path)
+    layers = []
+    kinds = [k for k in ("hires", "lowres") if k in spots.image_paths or k in spots.images]
+    if kinds:
+        layers.append(spaceranger_image_layer(spots, kinds[0]))
+    layers.append(spots_layer(spots))
+    return layers
