@@ -21,3 +21,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_sample(tmp_path_factory):
+    """A small synthetic sample (400 × 300 µm at 0.5 µm/px, 2/8/16 µm bins), made once."""
+    from napari_stmap.core.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "sample"
+    return write_synthetic(root, size_um=(400.0, 300.0), mpp=0.5, n_genes=24, seed=3)

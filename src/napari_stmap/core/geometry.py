@@ -189,7 +189,9 @@ class Disk(Footprint):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "center_yx", _pair("center_yx", self.center_yx))
-        object.__setattr__(self, "diameter_px", _finite("diameter_px", self.diameter_px, positive=True))
+        object.__setattr__(
+            self, "diameter_px", _finite("diameter_px", self.diameter_px, positive=True)
+        )
 
     @property
     def radius_px(self) -> float:
@@ -397,7 +399,9 @@ def _quadrant_area(y: np.ndarray, x: np.ndarray, r: np.ndarray) -> np.ndarray:
     ay, ax = np.minimum(np.abs(y), r), np.minimum(np.abs(x), r)
 
     def chord_integral(t):  # ∫_0^t sqrt(r² - s²) ds
-        return 0.5 * (t * np.sqrt(np.maximum(r * r - t * t, 0.0)) + r * r * np.arcsin(np.clip(t / r, -1, 1)))
+        return 0.5 * (
+            t * np.sqrt(np.maximum(r * r - t * t, 0.0)) + r * r * np.arcsin(np.clip(t / r, -1, 1))
+        )
 
     w = np.sqrt(np.maximum(r * r - ay * ay, 0.0))  # half chord at height ay
     inside = ay * ax  # the corner (ay, ax) lies inside the disk: a plain rectangle
@@ -420,3 +424,323 @@ def _disk_batch(centers: np.ndarray, diam: np.ndarray, grid: MapGrid) -> tuple[n
     rows = np.broadcast_to((i0[:, None] + np.arange(ky))[:, :, None], shape)
     cols = np.broadcast_to((j0[:, None] + np.arange(kx))[:, None, :], shape)
     return _assemble(idx.ravel(), rows.ravel(), cols.ravel(), frac.ravel(), grid)
+
+
+# ----------------------------------------------------------------------- scanline coverage
+def _lines_per_pixel(height_map_px: float) -> int:
+    """Sample lines per map pixel: a power of two (exact interior sums), >= 16, >= 256 per shape."""
+    need = 256.0 / max(height_map_px, 1e-9)
+    return int(min(4096, max(16, 2 ** math.ceil(math.log2(max(need, 1.0))))))
+
+
+def _line_range(lo: float, hi: float, s: int, grid: MapGrid) -> np.ndarray:
+    """Global sample-line indices k (line y = (k + 0.5)/s, map coords) with lo <= y < hi, in grid."""
+    k0 = max(math.ceil(lo * s - 0.5), 0)
+    k1 = min(math.ceil(hi * s - 0.5), grid.shape_hw[0] * s)
+    return np.arange(k0, max(k0, k1), dtype=np.int64)
+
+
+def _intervals_to_coverage(
+    k: np.ndarray, a: np.ndarray, b: np.ndarray, s: int, grid: MapGrid
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel fractions from intervals [a, b) (map x) on sample lines k (1/s of a pixel each).
+
+    Exact along x: each interval adds ``clip(b - j, 0, 1) - clip(a - j, 0, 1)`` to column j,
+    accumulated with a difference array (a cumulative sum per row) so cost is O(intervals + pixels).
+    """
+    h, w = grid.shape_hw
+    a, b = np.clip(a, 0, w), np.clip(b, 0, w)
+    keep = (b > a) & (k >= 0) & (k < h * s)
+    k, a, b = k[keep], a[keep], b[keep]
+    if k.size == 0:
+        return _empty()[1:]
+    row = k // s
+    order = np.argsort(row, kind="stable")
+    row, a, b = row[order], a[order], b[order]
+    j0 = int(np.floor(a.min()))
+    ncols = int(np.ceil(b.max())) - j0
+    width = ncols + 1
+    step = max(1, (4 * _CHUNK) // width)
+    out = []
+    for r0 in range(int(row[0]), int(row[-1]) + 1, step):
+        lo, hi = np.searchsorted(row, [r0, r0 + step])
+        if hi > lo:
+            out.append(_accumulate(row[lo:hi] - r0, a[lo:hi] - j0, b[lo:hi] - j0, s, width, r0, j0))
+    rows, cols, frac = (np.concatenate(parts) for parts in zip(*out, strict=True))
+    return rows, cols, frac
+
+
+def _accumulate(r, la, lb, s, width, r0, j0):
+    nrows = int(r.max()) + 1
+    fa, fb = np.floor(la).astype(np.int64), np.floor(lb).astype(np.int64)
+    ia, ib, n = r * width + fa, r * width + fb, nrows * width
+    wgt = np.full(r.shape, 1.0 / s)
+    diff = np.bincount(ia, wgt, n) - np.bincount(ib, wgt, n)
+    point = np.bincount(ib, (lb - fb) / s, n) - np.bincount(ia, (la - fa) / s, n)
+    cov = (np.cumsum(diff.reshape(nrows, width), axis=1) + point.reshape(nrows, width))[:, :-1]
+    rr, cc = np.nonzero(cov > _TINY)
+    return rr + r0, cc + j0, np.minimum(cov[rr, cc], 1.0)
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    z = np.zeros(0, dtype=np.int64)
+    return z, z.copy(), z.copy(), np.zeros(0, dtype=float)
+
+
+def _ellipse_coverage(e: Ellipse, grid: MapGrid) -> tuple[np.ndarray, ...]:
+    """Ellipse ∩ sample line is one interval (a quadratic in x); see :func:`_intervals_to_coverage`."""
+    (cy, cx), p = grid.to_map(e.center_yx), grid.pixel_px
+    ry, rx = e.radii_yx[0] / p, e.radii_yx[1] / p
+    hy = e.half_extent_yx()[0] / p
+    s = _lines_per_pixel(2 * hy)
+    k = _line_range(cy - hy, cy + hy, s, grid)
+    y = (k + 0.5) / s - cy
+    c, sn = math.cos(e.angle_rad), math.sin(e.angle_rad)
+    qa = sn * sn / ry**2 + c * c / rx**2
+    qb = 2 * y * c * sn * (1 / ry**2 - 1 / rx**2)
+    qc = y * y * (c * c / ry**2 + sn * sn / rx**2) - 1
+    disc = qb * qb - 4 * qa * qc
+    ok = disc > 0
+    root = np.sqrt(disc[ok])
+    a = (-qb[ok] - root) / (2 * qa) + cx
+    b = (-qb[ok] + root) / (2 * qa) + cx
+    return _intervals_to_coverage(k[ok], a, b, s, grid)
+
+
+def _polygon_coverage(poly: Polygon, grid: MapGrid) -> tuple[np.ndarray, ...]:
+    """Even-odd scanline: crossings of every edge with every sample line, paired per line."""
+    v = grid.to_map(np.asarray(poly.vertices_yx))
+    ya, xa = v[:, 0], v[:, 1]
+    yb, xb = np.roll(ya, -1), np.roll(xa, -1)
+    s = _lines_per_pixel(float(ya.max() - ya.min()))
+    h = grid.shape_hw[0]
+    lo, hi = np.minimum(ya, yb), np.maximum(ya, yb)  # half-open [lo, hi): vertices count once
+    k0 = np.clip(np.ceil(lo * s - 0.5), 0, h * s).astype(np.int64)
+    k1 = np.clip(np.ceil(hi * s - 0.5), 0, h * s).astype(np.int64)
+    count = np.maximum(k1 - k0, 0)
+    edge = np.repeat(np.arange(len(v)), count)
+    if edge.size == 0:
+        return _empty()[1:]
+    k = k0[edge] + np.arange(edge.size) - np.repeat(np.cumsum(count) - count, count)
+    t = ((k + 0.5) / s - ya[edge]) / (yb[edge] - ya[edge])
+    x = xa[edge] + t * (xb[edge] - xa[edge])
+    order = np.lexsort((x, k))
+    k, x = k[order], x[order]
+    return _intervals_to_coverage(k[0::2], x[0::2], x[1::2], s, grid)
+
+
+# ------------------------------------------------------------------------------ public API
+def coverage(footprint: Footprint, grid: MapGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fraction of each map pixel covered by one footprint.
+
+    Parameters
+    ----------
+    footprint
+        Region in level-0 px.
+    grid
+        The map's pixel grid.
+
+    Returns
+    -------
+    rows, cols, frac
+        Map pixel indices (int64) and covered fraction of each pixel's area in (0, 1]; only
+        pixels inside the grid with a nonzero fraction. ``frac.sum() · pixel_px²`` equals
+        ``footprint.area_px()`` when the footprint lies inside the grid.
+    """
+    if isinstance(footprint, Disk):
+        part = _disk_batch(np.array([footprint.center_yx]), np.array([footprint.diameter_px]), grid)
+    elif isinstance(footprint, (Square, Rectangle)):
+        part = _box_batch(np.array([footprint.bbox_yx()]), grid)
+    elif isinstance(footprint, Ellipse) and footprint.radii_yx[0] == footprint.radii_yx[1]:
+        circle = Disk(footprint.center_yx, 2 * footprint.radii_yx[0])
+        return coverage(circle, grid)
+    elif isinstance(footprint, Ellipse):
+        return _ellipse_coverage(footprint, grid)
+    elif isinstance(footprint, Polygon):
+        return _polygon_coverage(footprint, grid)
+    else:
+        msg = f"footprint of type {type(footprint).__name__} is not supported: pass a Disk, Square, Rectangle, Ellipse or Polygon."
+        raise StmapInputError(msg)
+    return part[1], part[2], part[3]
+
+
+def _chunked(
+    kernel, params: np.ndarray, cells: np.ndarray, grid: MapGrid
+) -> tuple[np.ndarray, ...]:
+    """Run a batch kernel over footprints grouped by window size, in memory-bounded chunks."""
+    parts = []
+    groups = np.unique(cells)
+    for size in groups:
+        members = np.flatnonzero(cells == size)
+        step = max(1, _CHUNK // int(size))
+        for start in range(0, members.size, step):
+            sel = members[start : start + step]
+            idx, rows, cols, frac = kernel(*(p[sel] for p in params), grid)
+            parts.append((sel[idx], rows, cols, frac))
+    return tuple(np.concatenate(c) for c in zip(*parts, strict=True)) if parts else _empty()
+
+
+def weight_matrix(footprints: Sequence[Footprint] | Footprint, grid: MapGrid) -> sp.csr_matrix:
+    """Sparse aggregation weights of many footprints on a map grid.
+
+    Parameters
+    ----------
+    footprints
+        n footprints in level-0 px (a single one is treated as a list of one).
+    grid
+        The map's pixel grid, shape (H, W).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Shape (n, H·W), float64; entry ``[k, i·W + j]`` is the fraction of map pixel (i, j)
+        covered by footprint k. ``W @ map.reshape(C, H·W).T`` gives the (n, C) region sums.
+        Disks, squares and rectangles are vectorised; ellipses and polygons run one by one.
+    """
+    fps = [footprints] if isinstance(footprints, Footprint) else list(footprints)
+    p, (h, w) = grid.pixel_px, grid.shape_hw
+    kinds = np.array([_KIND.get(type(f), 3) for f in fps], dtype=np.int8)
+    parts = []
+    disk_ix = np.flatnonzero(kinds == 0)
+    if disk_ix.size:
+        c = np.array([fps[i].center_yx for i in disk_ix], dtype=float).reshape(-1, 2)
+        d = np.array([fps[i].diameter_px for i in disk_ix], dtype=float)
+        cells = (np.ceil(d / p).astype(np.int64) + 2) ** 2
+        idx, rows, cols, frac = _chunked(_disk_batch, (c, d), cells, grid)
+        parts.append((disk_ix[idx], rows, cols, frac))
+    box_ix = np.flatnonzero(kinds == 1)
+    if box_ix.size:
+        b = np.array([fps[i].bbox_yx() for i in box_ix], dtype=float).reshape(-1, 4)
+        cells = (np.ceil((b[:, 2] - b[:, 0]) / p) + 1) * (np.ceil((b[:, 3] - b[:, 1]) / p) + 1)
+        idx, rows, cols, frac = _chunked(_box_batch, (b,), cells.astype(np.int64), grid)
+        parts.append((box_ix[idx], rows, cols, frac))
+    for i in np.flatnonzero(kinds == 3):
+        rows, cols, frac = coverage(fps[i], grid)
+        parts.append((np.full(rows.size, i, dtype=np.int64), rows, cols, frac))
+    idx, rows, cols, frac = (
+        (np.concatenate(c) for c in zip(*parts, strict=True)) if parts else _empty()
+    )
+    return sp.csr_matrix((frac, (idx, rows * w + cols)), shape=(len(fps), h * w))
+
+
+_KIND = {Disk: 0, Square: 1, Rectangle: 1}
+
+
+# ------------------------------------------------------------------------------ spot grids
+def spot_grid(
+    region: BBox | Footprint,
+    *,
+    size_px: float,
+    pitch_px: float,
+    footprint: Literal["disk", "square"] = "disk",
+    hexagonal: bool = False,
+) -> tuple[np.ndarray, list[Footprint]]:
+    """Spots of one size on a regular lattice that lie entirely inside a region.
+
+    Parameters
+    ----------
+    region
+        Level-0 px bbox ``(y0, x0, y1, x1)`` or any :class:`Footprint`.
+    size_px
+        Spot diameter (disk) or side (square), level-0 px.
+    pitch_px
+        Centre-to-centre distance, level-0 px.
+    footprint
+        ``"disk"`` or ``"square"`` spots.
+    hexagonal
+        Visium-like lattice: rows ``pitch·√3/2`` apart, every other row shifted by ``pitch/2``.
+
+    Returns
+    -------
+    centers_yx, footprints
+        (n, 2) level-0 px centres (row-major lattice order) and the matching footprints.
+
+    Notes
+    -----
+    A spot is kept when its **whole footprint** lies inside the region (touching the boundary
+    counts as inside): its centre is inside and its distance to the region's outline is at
+    least the spot's half size (Euclidean for disks, Chebyshev for squares). This is exact for
+    bbox, rectangle, square and polygon regions; disk and ellipse regions use their inscribed
+    256-gon, so spots within ~1e-4 radius of the curve may be left out. The lattice is centred
+    in the region's bounding box.
+    """
+    if footprint not in ("disk", "square"):
+        msg = f"footprint={footprint!r} is not a spot shape: pass 'disk' or 'square'."
+        raise StmapInputError(msg)
+    size = _finite("size_px", size_px, positive=True)
+    pitch = _finite("pitch_px", pitch_px, positive=True)
+    if isinstance(region, Footprint):
+        bbox, outline = region.bbox_yx(), region.outline_yx(256)
+    else:
+        bbox = tuple(_finite("bbox_yx", v) for v in np.asarray(region, dtype=float).ravel())
+        if len(bbox) != 4 or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+            msg = f"region={region!r} is not a bbox: pass (y0, x0, y1, x1) with y0 < y1, x0 < x1."
+            raise StmapInputError(msg)
+        outline = _box_outline(bbox)
+    centers = _lattice(bbox, size, pitch, hexagonal)
+    centers = centers[_fits_inside(centers, outline, size / 2, chebyshev=footprint == "square")]
+    build = disks if footprint == "disk" else squares
+    logger.debug(
+        "spot_grid: %d %s spots of %.3g px at pitch %.3g px", len(centers), footprint, size, pitch
+    )
+    return centers, build(centers, size)
+
+
+def _lattice(bbox: BBox, size: float, pitch: float, hexagonal: bool) -> np.ndarray:
+    """Candidate centres (n, 2) covering ``bbox`` (level-0 px), centred in it."""
+    y0, x0, y1, x1 = bbox
+    dy = pitch * math.sqrt(3) / 2 if hexagonal else pitch
+    ny = int(max(0.0, (y1 - y0 - size)) // dy) + 1
+    nx = int(max(0.0, (x1 - x0 - size)) // pitch) + 1
+    ys = y0 + size / 2 + (y1 - y0 - size - (ny - 1) * dy) / 2 + dy * np.arange(ny)
+    xs = x0 + size / 2 + (x1 - x0 - size - (nx - 1) * pitch) / 2 + pitch * np.arange(nx)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    if hexagonal:
+        xx = xx + (np.arange(ny)[:, None] % 2) * (pitch / 2)
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def _fits_inside(
+    points: np.ndarray, outline: np.ndarray, reach: float, *, chebyshev: bool
+) -> np.ndarray:
+    """Boolean (n,): point inside the closed outline and at least ``reach`` from its edges."""
+    a, b = outline, np.roll(outline, -1, axis=0)
+    keep = np.zeros(len(points), dtype=bool)
+    step = max(1, _CHUNK // len(a))
+    tol = 1e-9 * max(reach, 1.0)
+    for s0 in range(0, len(points), step):
+        pts = points[s0 : s0 + step, None, :]
+        inside = _even_odd(pts, a, b)
+        dist = _segment_distance(pts - a, b - a, chebyshev=chebyshev).min(axis=1)
+        keep[s0 : s0 + step] = inside & (dist >= reach - tol)
+    return keep
+
+
+def _even_odd(pts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Point-in-polygon (even-odd rule): pts (n, 1, 2), edges a -> b (m, 2) -> (n,) bool."""
+    y, x = pts[..., 0], pts[..., 1]
+    crosses = (a[:, 0] <= y) != (b[:, 0] <= y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (y - a[:, 0]) / (b[:, 0] - a[:, 0])
+    xc = a[:, 1] + t * (b[:, 1] - a[:, 1])
+    return (np.count_nonzero(crosses & (x < xc), axis=1) % 2) == 1
+
+
+def _segment_distance(d: np.ndarray, e: np.ndarray, *, chebyshev: bool) -> np.ndarray:
+    """Distance from the origin to segments ``d + t·e``, t in [0, 1]; d (n, m, 2), e (m, 2).
+
+    Euclidean, or Chebyshev (max-norm) where the minimum lies at an end, a zero of one
+    coordinate, or where both coordinates have equal magnitude.
+    """
+    dy, dx, ey, ex = d[..., 0], d[..., 1], e[:, 0], e[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if not chebyshev:
+            t = np.clip(-(dy * ey + dx * ex) / (ey * ey + ex * ex), 0, 1)
+            return np.hypot(dy + t * ey, dx + t * ex)
+        cands = [np.zeros_like(dy), np.ones_like(dy), -dy / ey, -dx / ex]
+        cands += [-(dy - dx) / (ey - ex), -(dy + dx) / (ey + ex)]
+    best = np.full(dy.shape, np.inf)
+    for t in cands:
+        t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0, 1)
+        best = np.minimum(best, np.maximum(np.abs(dy + t * ey), np.abs(dx + t * ex)))
+    return best
