@@ -24,8 +24,11 @@ Accuracy
 - :class:`Square` and :class:`Rectangle`: exact (products of 1-D interval overlaps).
 - :class:`Disk` (and circular :class:`Ellipse`): exact, from the closed-form area of a disk cut
   by two half-planes (inclusion–exclusion over pixel corners).
-- :class:`Ellipse` and :class:`Polygon`: exact along x, midpoint rule along y with at least 16
-  sample lines per map pixel (and at least 256 across the shape); interior pixels are exactly 1.
+- :class:`Polygon`: exact (each edge is cut at the pixel lines and its signed area is
+  accumulated along rows, as exact-area font rasterisers do), so a polygon cut in two parts
+  sums to the whole to round-off.
+- :class:`Ellipse`: an equal-area polygon of up to 8192 vertices within ~1e-3 map px of the
+  curve: total area exact, each pixel's fraction within ~1e-3.
 """
 
 from __future__ import annotations
@@ -73,11 +76,18 @@ def _finite(name: str, value: float, *, positive: bool = False) -> float:
 
 
 def _pair(name: str, value: Sequence[float], *, positive: bool = False) -> tuple[float, float]:
-    arr = np.asarray(value, dtype=float).ravel()
-    if arr.shape != (2,):
+    try:
+        y, x = value
+        pair = (float(y), float(x))
+    except (TypeError, ValueError):
         msg = f"{name}={value!r} is not a (y, x) pair: pass two numbers."
+        raise StmapInputError(msg) from None
+    ok = math.isfinite(pair[0]) and math.isfinite(pair[1])
+    if not ok or (positive and min(pair) <= 0):
+        need = "finite numbers > 0" if positive else "finite numbers"
+        msg = f"{name}={value!r} is not valid: pass two {need}."
         raise StmapInputError(msg)
-    return (_finite(name, arr[0], positive=positive), _finite(name, arr[1], positive=positive))
+    return pair
 
 
 # --------------------------------------------------------------------------------------- grid
@@ -293,8 +303,9 @@ class Polygon(Footprint):
     """Simple (non-self-intersecting) polygon, vertices (n, 2) in level-0 px (y, x).
 
     Stored as a tuple of ``(y, x)`` tuples (hashable); ``np.asarray(p.vertices_yx)`` gives the
-    (n, 2) array. Either orientation; the closing edge is implicit. Coverage uses the even-odd
-    rule, so a self-intersecting outline covers a different area than :meth:`area_px`.
+    (n, 2) array. Either orientation; the closing edge is implicit. A self-intersecting outline
+    is not supported: lobes wound the other way cancel (coverage counts winding, clipped to
+    [0, 1]), as they do in :meth:`area_px` (shoelace).
     """
 
     vertices_yx: tuple[tuple[float, float], ...]
@@ -358,12 +369,22 @@ def _centers_and_sizes(centers_yx, size, name: str) -> tuple[np.ndarray, np.ndar
 
 # ------------------------------------------------------------------------ exact batch coverage
 def _assemble(
-    idx: np.ndarray, rows: np.ndarray, cols: np.ndarray, frac: np.ndarray, grid: MapGrid
+    frac: np.ndarray, i0: np.ndarray, j0: np.ndarray, grid: MapGrid
 ) -> tuple[np.ndarray, ...]:
-    """Keep entries inside the grid with fraction > _TINY; clip round-off above 1."""
+    """Sparse entries of per-footprint windows ``frac`` (n, Ky, Kx) starting at map (i0, j0).
+
+    Keeps pixels inside the grid with fraction > _TINY and clips round-off above 1. Entries come
+    out sorted by footprint, then row, then column.
+    """
     h, w = grid.shape_hw
-    keep = (frac > _TINY) & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    return idx[keep], rows[keep], cols[keep], np.minimum(frac[keep], 1.0)
+    n, ky, kx = frac.shape
+    rows = i0[:, None] + np.arange(ky)
+    cols = j0[:, None] + np.arange(kx)
+    keep = frac > _TINY
+    keep &= ((rows >= 0) & (rows < h))[:, :, None]
+    keep &= ((cols >= 0) & (cols < w))[:, None, :]
+    idx, a, b = np.nonzero(keep)
+    return idx, i0[idx] + a, j0[idx] + b, np.minimum(frac[keep], 1.0)
 
 
 def _window(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, int]:
@@ -382,12 +403,7 @@ def _box_batch(box: np.ndarray, grid: MapGrid) -> tuple[np.ndarray, ...]:
     jj = j0[:, None] + np.arange(kx)
     fy = np.clip(np.minimum(b[:, 2:3], ii + 1) - np.maximum(b[:, 0:1], ii), 0.0, 1.0)
     fx = np.clip(np.minimum(b[:, 3:4], jj + 1) - np.maximum(b[:, 1:2], jj), 0.0, 1.0)
-    frac = fy[:, :, None] * fx[:, None, :]
-    shape = frac.shape
-    idx = np.broadcast_to(np.arange(len(b))[:, None, None], shape)
-    rows = np.broadcast_to(ii[:, :, None], shape)
-    cols = np.broadcast_to(jj[:, None, :], shape)
-    return _assemble(idx.ravel(), rows.ravel(), cols.ravel(), frac.ravel(), grid)
+    return _assemble(fy[:, :, None] * fx[:, None, :], i0, j0, grid)
 
 
 def _quadrant_area(y: np.ndarray, x: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -419,114 +435,97 @@ def _disk_batch(centers: np.ndarray, diam: np.ndarray, grid: MapGrid) -> tuple[n
     ex = (j0[:, None] + np.arange(kx + 1)) - c[:, 1:2]
     q = _quadrant_area(ey[:, :, None], ex[:, None, :], r[:, None, None])
     frac = q[:, 1:, 1:] - q[:, :-1, 1:] - q[:, 1:, :-1] + q[:, :-1, :-1]
-    shape = frac.shape
-    idx = np.broadcast_to(np.arange(len(c))[:, None, None], shape)
-    rows = np.broadcast_to((i0[:, None] + np.arange(ky))[:, :, None], shape)
-    cols = np.broadcast_to((j0[:, None] + np.arange(kx))[:, None, :], shape)
-    return _assemble(idx.ravel(), rows.ravel(), cols.ravel(), frac.ravel(), grid)
+    return _assemble(frac, i0, j0, grid)
 
 
-# ----------------------------------------------------------------------- scanline coverage
-def _lines_per_pixel(height_map_px: float) -> int:
-    """Sample lines per map pixel: a power of two (exact interior sums), >= 16, >= 256 per shape."""
-    need = 256.0 / max(height_map_px, 1e-9)
-    return int(min(4096, max(16, 2 ** math.ceil(math.log2(max(need, 1.0))))))
-
-
-def _line_range(lo: float, hi: float, s: int, grid: MapGrid) -> np.ndarray:
-    """Global sample-line indices k (line y = (k + 0.5)/s, map coords) with lo <= y < hi, in grid."""
-    k0 = max(math.ceil(lo * s - 0.5), 0)
-    k1 = min(math.ceil(hi * s - 0.5), grid.shape_hw[0] * s)
-    return np.arange(k0, max(k0, k1), dtype=np.int64)
-
-
-def _intervals_to_coverage(
-    k: np.ndarray, a: np.ndarray, b: np.ndarray, s: int, grid: MapGrid
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel fractions from intervals [a, b) (map x) on sample lines k (1/s of a pixel each).
-
-    Exact along x: each interval adds ``clip(b - j, 0, 1) - clip(a - j, 0, 1)`` to column j,
-    accumulated with a difference array (a cumulative sum per row) so cost is O(intervals + pixels).
-    """
-    h, w = grid.shape_hw
-    a, b = np.clip(a, 0, w), np.clip(b, 0, w)
-    keep = (b > a) & (k >= 0) & (k < h * s)
-    k, a, b = k[keep], a[keep], b[keep]
-    if k.size == 0:
-        return _empty()[1:]
-    row = k // s
-    order = np.argsort(row, kind="stable")
-    row, a, b = row[order], a[order], b[order]
-    j0 = int(np.floor(a.min()))
-    ncols = int(np.ceil(b.max())) - j0
-    width = ncols + 1
-    step = max(1, (4 * _CHUNK) // width)
-    out = []
-    for r0 in range(int(row[0]), int(row[-1]) + 1, step):
-        lo, hi = np.searchsorted(row, [r0, r0 + step])
-        if hi > lo:
-            out.append(_accumulate(row[lo:hi] - r0, a[lo:hi] - j0, b[lo:hi] - j0, s, width, r0, j0))
-    rows, cols, frac = (np.concatenate(parts) for parts in zip(*out, strict=True))
-    return rows, cols, frac
-
-
-def _accumulate(r, la, lb, s, width, r0, j0):
-    nrows = int(r.max()) + 1
-    fa, fb = np.floor(la).astype(np.int64), np.floor(lb).astype(np.int64)
-    ia, ib, n = r * width + fa, r * width + fb, nrows * width
-    wgt = np.full(r.shape, 1.0 / s)
-    diff = np.bincount(ia, wgt, n) - np.bincount(ib, wgt, n)
-    point = np.bincount(ib, (lb - fb) / s, n) - np.bincount(ia, (la - fa) / s, n)
-    cov = (np.cumsum(diff.reshape(nrows, width), axis=1) + point.reshape(nrows, width))[:, :-1]
-    rr, cc = np.nonzero(cov > _TINY)
-    return rr + r0, cc + j0, np.minimum(cov[rr, cc], 1.0)
-
-
+# ---------------------------------------------------------------- exact polygon coverage
 def _empty() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     z = np.zeros(0, dtype=np.int64)
     return z, z.copy(), z.copy(), np.zeros(0, dtype=float)
 
 
-def _ellipse_coverage(e: Ellipse, grid: MapGrid) -> tuple[np.ndarray, ...]:
-    """Ellipse ∩ sample line is one interval (a quadratic in x); see :func:`_intervals_to_coverage`."""
-    (cy, cx), p = grid.to_map(e.center_yx), grid.pixel_px
-    ry, rx = e.radii_yx[0] / p, e.radii_yx[1] / p
-    hy = e.half_extent_yx()[0] / p
-    s = _lines_per_pixel(2 * hy)
-    k = _line_range(cy - hy, cy + hy, s, grid)
-    y = (k + 0.5) / s - cy
-    c, sn = math.cos(e.angle_rad), math.sin(e.angle_rad)
-    qa = sn * sn / ry**2 + c * c / rx**2
-    qb = 2 * y * c * sn * (1 / ry**2 - 1 / rx**2)
-    qc = y * y * (c * c / ry**2 + sn * sn / rx**2) - 1
-    disc = qb * qb - 4 * qa * qc
-    ok = disc > 0
-    root = np.sqrt(disc[ok])
-    a = (-qb[ok] - root) / (2 * qa) + cx
-    b = (-qb[ok] + root) / (2 * qa) + cx
-    return _intervals_to_coverage(k[ok], a, b, s, grid)
+def _split_points(a: np.ndarray, b: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    """(edge, t): where segments a -> b cross an integer in [lo, hi] strictly inside, t in (0, 1)."""
+    k0 = np.maximum(np.floor(np.minimum(a, b)) + 1, lo)
+    k1 = np.minimum(np.ceil(np.maximum(a, b)) - 1, hi)
+    count = np.maximum(k1 - k0 + 1, 0).astype(np.int64)
+    edge = np.repeat(np.arange(a.size), count)
+    k = k0[edge] + (np.arange(edge.size) - np.repeat(np.cumsum(count) - count, count))
+    return edge, (k - a[edge]) / (b[edge] - a[edge])
 
 
-def _polygon_coverage(poly: Polygon, grid: MapGrid) -> tuple[np.ndarray, ...]:
-    """Even-odd scanline: crossings of every edge with every sample line, paired per line."""
-    v = grid.to_map(np.asarray(poly.vertices_yx))
+def _polygon_pieces(v: np.ndarray, h: int, w: int) -> tuple[np.ndarray, ...]:
+    """Cut every edge (map coords) at the grid's row and column lines.
+
+    Returns the midpoint (y, x) and signed height dy of each piece; a piece inside the grid lies
+    within one pixel, so its mean x is its midpoint x.
+    """
     ya, xa = v[:, 0], v[:, 1]
     yb, xb = np.roll(ya, -1), np.roll(xa, -1)
-    s = _lines_per_pixel(float(ya.max() - ya.min()))
-    h = grid.shape_hw[0]
-    lo, hi = np.minimum(ya, yb), np.maximum(ya, yb)  # half-open [lo, hi): vertices count once
-    k0 = np.clip(np.ceil(lo * s - 0.5), 0, h * s).astype(np.int64)
-    k1 = np.clip(np.ceil(hi * s - 0.5), 0, h * s).astype(np.int64)
-    count = np.maximum(k1 - k0, 0)
-    edge = np.repeat(np.arange(len(v)), count)
-    if edge.size == 0:
+    ends = np.arange(len(v))
+    ey, ty = _split_points(ya, yb, 0, h)
+    ex, tx = _split_points(xa, xb, 0, w)
+    edge = np.concatenate([ends, ends, ey, ex])
+    t = np.concatenate([np.zeros(len(v)), np.ones(len(v)), ty, tx])
+    order = np.lexsort((t, edge))
+    edge, t = edge[order], t[order]
+    same = edge[1:] == edge[:-1]
+    e, t0, t1 = edge[:-1][same], t[:-1][same], t[1:][same]
+    dy, dx = (yb - ya)[e], (xb - xa)[e]
+    y0, y1 = ya[e] + t0 * dy, ya[e] + t1 * dy
+    return 0.5 * (y0 + y1), xa[e] + 0.5 * (t0 + t1) * dx, y1 - y0
+
+
+def _polygon_coverage(v: np.ndarray, grid: MapGrid) -> tuple[np.ndarray, ...]:
+    """Exact polygon ∩ pixel areas (vertices (n, 2) in map coords), by signed-area accumulation.
+
+    Each edge piece adds its signed height × (width to the right of it) to its pixel and the
+    rest of its height to the next column; a cumulative sum along x then gives every pixel's
+    covered area (as exact-area font rasterisers do). Cost O(edge pieces + window pixels).
+    """
+    h, w = grid.shape_hw
+    ymid, xmid, dy = _polygon_pieces(v, h, w)
+    row = np.floor(ymid).astype(np.int64)
+    keep = (dy != 0) & (row >= 0) & (row < h) & (xmid < w)
+    orient = np.sign(-np.sum((np.roll(v[:, 0], -1) - v[:, 0]) * (np.roll(v[:, 1], -1) + v[:, 1])))
+    if not keep.any() or orient == 0:
         return _empty()[1:]
-    k = k0[edge] + np.arange(edge.size) - np.repeat(np.cumsum(count) - count, count)
-    t = ((k + 0.5) / s - ya[edge]) / (yb[edge] - ya[edge])
-    x = xa[edge] + t * (xb[edge] - xa[edge])
-    order = np.lexsort((x, k))
-    k, x = k[order], x[order]
-    return _intervals_to_coverage(k[0::2], x[0::2], x[1::2], s, grid)
+    row, xmid, dy = row[keep], xmid[keep], dy[keep] * orient
+    j0 = max(0, math.floor(v[:, 1].min()))
+    width = min(w, math.ceil(v[:, 1].max())) - j0 + 1
+    col = np.floor(xmid).astype(np.int64)
+    right = np.where(col < j0, 0.0, xmid - col)  # pieces left of the window fill it whole
+    col = np.maximum(col, j0) - j0
+    order = np.argsort(row, kind="stable")
+    row, col, right, dy = row[order], col[order], right[order], dy[order]
+    step = max(1, (4 * _CHUNK) // width)
+    parts = []
+    for r0 in range(int(row[0]), int(row[-1]) + 1, step):
+        lo, hi = np.searchsorted(row, [r0, r0 + step])
+        if hi > lo:
+            sl = slice(lo, hi)
+            parts.append(_accumulate(row[sl] - r0, col[sl], right[sl], dy[sl], width, r0, j0))
+    if not parts:
+        return _empty()[1:]
+    return tuple(np.concatenate(c) for c in zip(*parts, strict=True))
+
+
+def _accumulate(r, col, right, dy, width, r0, j0):
+    nrows = int(r.max()) + 1
+    flat, n = r * width + col, nrows * width
+    acc = np.bincount(flat, dy * (1.0 - right), n) + np.bincount(flat + 1, dy * right, n + 1)[:n]
+    cov = np.cumsum(acc.reshape(nrows, width), axis=1)[:, :-1]
+    rr, cc = np.nonzero(cov > _TINY)
+    return rr + r0, cc + j0, np.minimum(cov[rr, cc], 1.0)
+
+
+def _ellipse_vertices(e: Ellipse, grid: MapGrid) -> np.ndarray:
+    """Equal-area polygon of an ellipse in map coords, within ~1e-3 map px of the curve."""
+    r_max = max(e.radii_yx) / grid.pixel_px
+    n = int(np.clip(math.ceil(math.pi * math.sqrt(r_max / 2e-3)), 64, 8192))
+    gain = math.sqrt((2 * math.pi / n) / math.sin(2 * math.pi / n))  # polygon area = ellipse area
+    radii = (e.radii_yx[0] * gain, e.radii_yx[1] * gain)
+    return grid.to_map(_ellipse_outline(e.center_yx, radii, e.angle_rad, n))
 
 
 # ------------------------------------------------------------------------------ public API
@@ -555,9 +554,9 @@ def coverage(footprint: Footprint, grid: MapGrid) -> tuple[np.ndarray, np.ndarra
         circle = Disk(footprint.center_yx, 2 * footprint.radii_yx[0])
         return coverage(circle, grid)
     elif isinstance(footprint, Ellipse):
-        return _ellipse_coverage(footprint, grid)
+        return _polygon_coverage(_ellipse_vertices(footprint, grid), grid)
     elif isinstance(footprint, Polygon):
-        return _polygon_coverage(footprint, grid)
+        return _polygon_coverage(grid.to_map(np.asarray(footprint.vertices_yx)), grid)
     else:
         msg = f"footprint of type {type(footprint).__name__} is not supported: pass a Disk, Square, Rectangle, Ellipse or Polygon."
         raise StmapInputError(msg)
@@ -577,6 +576,13 @@ def _chunked(
             sel = members[start : start + step]
             idx, rows, cols, frac = kernel(*(p[sel] for p in params), grid)
             parts.append((sel[idx], rows, cols, frac))
+    return _concat(parts)
+
+
+def _concat(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Concatenate (idx, rows, cols, frac) parts; no copy for a single part."""
+    if len(parts) == 1:
+        return parts[0]
     return tuple(np.concatenate(c) for c in zip(*parts, strict=True)) if parts else _empty()
 
 
@@ -617,10 +623,22 @@ def weight_matrix(footprints: Sequence[Footprint] | Footprint, grid: MapGrid) ->
     for i in np.flatnonzero(kinds == 3):
         rows, cols, frac = coverage(fps[i], grid)
         parts.append((np.full(rows.size, i, dtype=np.int64), rows, cols, frac))
-    idx, rows, cols, frac = (
-        (np.concatenate(c) for c in zip(*parts, strict=True)) if parts else _empty()
-    )
-    return sp.csr_matrix((frac, (idx, rows * w + cols)), shape=(len(fps), h * w))
+    idx, rows, cols, frac = _concat(parts)
+    return _to_csr(idx, rows * w + cols, frac, (len(fps), h * w))
+
+
+def _to_csr(idx: np.ndarray, flat: np.ndarray, frac: np.ndarray, shape: tuple[int, int]):
+    """CSR from entries sorted by column within each footprint (as every kernel emits them)."""
+    if idx.size and np.any(np.diff(idx) < 0):
+        order = np.argsort(idx, kind="stable")
+        idx, flat, frac = idx[order], flat[order], frac[order]
+    small = max(shape[1], idx.size) < 2**31 - 1
+    itype = np.int32 if small else np.int64
+    indptr = np.zeros(shape[0] + 1, dtype=itype)
+    np.cumsum(np.bincount(idx, minlength=shape[0]), out=indptr[1:])
+    mat = sp.csr_matrix((frac, flat.astype(itype, copy=False), indptr), shape=shape)
+    mat.has_sorted_indices = True
+    return mat
 
 
 _KIND = {Disk: 0, Square: 1, Rectangle: 1}
@@ -711,7 +729,7 @@ def _fits_inside(
     for s0 in range(0, len(points), step):
         pts = points[s0 : s0 + step, None, :]
         inside = _even_odd(pts, a, b)
-        dist = _segment_distance(pts - a, b - a, chebyshev=chebyshev).min(axis=1)
+        dist = _segment_distance(a - pts, b - a, chebyshev=chebyshev).min(axis=1)
         keep[s0 : s0 + step] = inside & (dist >= reach - tol)
     return keep
 
