@@ -33,10 +33,11 @@ def _display():
 def _viewer():
     import napari
 
+    from napari_stmap._layers import show_scale_bar
+
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
+    show_scale_bar(viewer)
     return viewer
 
 

@@ -40,8 +40,10 @@ def test_slide_layer_in_um(small_sample):
     ((data, kwargs, kind),) = reader(str(small_sample.slide))
     assert kind == "image" and kwargs["rgb"]
     assert kwargs["scale"] == pytest.approx((small_sample.mpp, small_sample.mpp))
-    assert kwargs["multiscale"] and isinstance(data, list) and len(data) >= 2
-    assert data[0].shape[:2] == open_slide(small_sample.slide).shape_yx
+    slide = open_slide(small_sample.slide)
+    assert kwargs["multiscale"] == (slide.n_levels > 1)
+    level0 = data[0] if kwargs["multiscale"] else data
+    assert level0.shape[:2] == slide.shape_yx
 
 
 def test_hd_folder_layers_align_bins_with_slide(small_sample):
@@ -51,10 +53,11 @@ def test_hd_folder_layers_align_bins_with_slide(small_sample):
     assert kinds[-1] in ("image", "points")
     assert any("hires" in kw["name"] for _, kw, _ in layers)
     bins = read_visium_hd(small_sample.outs, bin_um=8)
-    raster, kwargs, kind = spots_layer(bins, name="x")
-    if kind == "points":
-        np.testing.assert_allclose(raster, bins.centers_yx * bins.mpp)
-        return
+    points, _, kind = spots_layer(bins, name="x", as_raster=False)
+    assert kind == "points"
+    np.testing.assert_allclose(points, bins.centers_yx * bins.mpp)
+    raster, kwargs, kind = spots_layer(bins, name="x", as_raster=True)
+    assert kind == "image"
     # every bin's raster index maps (through the affine) onto its centre in µm
     affine = kwargs["affine"]
     rc = bins.array_rc - bins.array_rc.min(axis=0)
@@ -132,7 +135,7 @@ def test_viewer_opens_sample_and_files(make_napari_viewer, small_sample):
     viewer.open(str(small_sample.slide), plugin="napari-stmap")
     viewer.open(str(small_sample.outs), plugin="napari-stmap")
     slide = viewer.layers[0]
-    assert slide.multiscale and slide.rgb
+    assert slide.rgb
     assert tuple(slide.scale) == pytest.approx((small_sample.mpp, small_sample.mpp))
     bins = viewer.layers[-1]
     # bins lie on the slide: their world extent is inside the slide's (µm)

@@ -37,6 +37,7 @@ def slide_layer(slide: Slide, *, name: str | None = None) -> LayerData:
         "rgb": True,
         "multiscale": slide.n_levels > 1,
         "scale": (slide.mpp, slide.mpp),
+        "units": _units(slide.mpp_source != "fallback"),
         "metadata": meta,
     }
     data = list(slide.levels) if slide.n_levels > 1 else slide.levels[0]
@@ -49,12 +50,14 @@ def spots_layer(
     values: np.ndarray | None = None,
     label: str = "total counts",
     name: str | None = None,
+    as_raster: bool | None = None,
 ) -> LayerData:
     """Measured spots/bins aligned with the slide, coloured by ``values`` (default: total counts).
 
     Visium HD bins (squares on a regular array grid) become an image raster with an affine that
     maps (array_row, array_col) to world µm, so millions of 2 µm bins stay cheap; disks (Visium,
     legacy ST) become a Points layer whose point size is the spot diameter in µm.
+    ``as_raster=None`` picks the raster for square bins from ``RASTER_MIN_SPOTS`` bins on.
     """
     if values is None:
         values = np.asarray(spots.counts.sum(axis=1)).ravel().astype(np.float32)
@@ -69,11 +72,10 @@ def spots_layer(
             "label": label,
         }
     }
-    if (
-        spots.footprint == "square"
-        and spots.array_rc is not None
-        and spots.n_spots >= RASTER_MIN_SPOTS
-    ):
+    gridded = spots.footprint == "square" and spots.array_rc is not None
+    if as_raster is None:
+        as_raster = gridded and spots.n_spots >= RASTER_MIN_SPOTS
+    if as_raster and gridded:
         return _bin_raster(spots, values, mpp, f"{base} bins ({label})", meta)
     return _spot_points(spots, values, mpp, f"{base} spots ({label})", meta)
 
@@ -91,6 +93,7 @@ def _spot_points(spots: Spots, values: np.ndarray, mpp: float, name: str, meta: 
         "face_contrast_limits": (float(lo), float(max(hi, lo + 1e-6))),
         "border_width": 0,
         "opacity": 0.8,
+        "units": _units(bool(spots.mpp)),
         "metadata": meta,
     }
     return spots.centers_yx * mpp, kwargs, "points"
@@ -102,7 +105,7 @@ def _bin_raster(spots: Spots, values: np.ndarray, mpp: float, name: str, meta: d
     shape = tuple(int(v) + 1 for v in rc.max(axis=0) - (r0, c0))
     raster = np.full(shape, np.nan, dtype=np.float32)
     raster[rc[:, 0] - r0, rc[:, 1] - c0] = values
-    affine = grid_affine(rc - (r0, c0), spots.centers_yx) * np.array([[mpp], [mpp], [1.0]])
+    affine = grid_affine(rc - (r0, c0), spots.centers_yx) * mpp  # level-0 px -> µm
     finite = values[np.isfinite(values)]
     hi = float(np.percentile(finite, 99)) if finite.size else 1.0
     kwargs = {
@@ -111,6 +114,7 @@ def _bin_raster(spots: Spots, values: np.ndarray, mpp: float, name: str, meta: d
         "colormap": "magma",
         "contrast_limits": (0.0, max(hi, 1e-6)),
         "opacity": 0.7,
+        "units": _units(bool(spots.mpp)),
         "metadata": meta,
     }
     return raster, kwargs, "image"
@@ -142,9 +146,22 @@ def spaceranger_image_layer(spots: Spots, kind: str) -> LayerData:
         "rgb": image.ndim == 3,
         "scale": (inv * mpp, inv * mpp),
         "translate": ((0.5 * inv - 0.5) * mpp,) * 2,
+        "units": _units(bool(spots.mpp)),
         "metadata": {"stmap": {"kind": "spaceranger_image", "image": kind, "mpp": mpp}},
     }
     return image, kwargs, "image"
+
+
+def _units(known_mpp: bool) -> tuple[str, str]:
+    """World units of a layer: µm when µm/px is known, else level-0 pixels."""
+    return ("um", "um") if known_mpp else ("pixel", "pixel")
+
+
+def show_scale_bar(viewer) -> None:
+    """Show napari's scale bar (its units come from the layers' ``units``, µm here)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    bar = getattr(overlays, "scale_bar", None) or viewer.scale_bar
+    bar.visible = True
 
 
 def _stem(path) -> str:

@@ -14,13 +14,13 @@ def build_viewer(show: bool = True):
     """Open a napari viewer with the synthetic sample loaded; returns the viewer."""
     import napari
 
+    from ._layers import show_scale_bar
     from ._sample_data import ensure_sample
 
     ensure_sample()
     viewer = napari.Viewer(title="napari-stmap demo", show=show)
     viewer.open_sample("napari-stmap", "synthetic")
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
+    show_scale_bar(viewer)
     viewer.reset_view()
     return viewer
 
