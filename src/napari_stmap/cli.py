@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-stmap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _SUBCOMMANDS:
+    for register in _subcommands():
         register(sub)
     return parser
 
@@ -186,7 +186,11 @@ class _progress:
             self.bar.close()
 
 
-_SUBCOMMANDS: list[Callable] = [_add_info, _add_synth]
+def _subcommands() -> list[Callable]:
+    from ._cli_engine import _add_aggregate, _add_predict
+    from ._cli_model import _add_evaluate, _add_train
+
+    return [_add_info, _add_synth, _add_train, _add_evaluate, _add_predict, _add_aggregate]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
