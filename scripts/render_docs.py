@@ -86,11 +86,58 @@ def render_her2st(out: Path, shared: Path) -> None:
     viewer.close()
 
 
+DOCK_SHOTS = {
+    "Slide & data": "dock_slide_data.png",
+    "Predict": "dock_predict.png",
+    "Genes": "dock_genes.png",
+    "Regions": "dock_regions.png",
+    "Compare": "dock_compare.png",
+}
+
+
+def render_docks(out: Path) -> None:
+    """Each dock in use on the synthetic sample (the demo: trained model, heatmaps, spot grid)."""
+    from napari_stmap.demo import build_viewer, wait_until
+
+    viewer = build_viewer(show=True, wait=True)
+    viewer.window._qt_window.resize(1500, 950)
+    wait_until(lambda: False, 0.5)
+    for layer in viewer.layers:
+        logger.info("layer %r: extent %s µm", layer.name, layer.extent.world.tolist())
+    slide = viewer.layers["synthetic H&E"]
+    (y0, x0), (y1, x1) = slide.extent.world
+    viewer.camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+    viewer.camera.zoom = 0.9 * min(viewer.canvas.size) / max(y1 - y0, x1 - x0)
+    for title, filename in DOCK_SHOTS.items():
+        dock = viewer.window._dock_widgets.get(title)
+        if dock is not None:
+            dock.raise_()
+        if title == "Compare":  # show the measured bins of the selected gene beside the heatmaps
+            for layer in viewer.layers:
+                if layer.name.startswith("stmap: measured "):
+                    layer.visible = True
+        wait_until(lambda: False, 0.5)
+        _save(viewer, out / filename)
+    viewer.close()
+
+
+def render_her2st_docks(out: Path, shared: Path) -> None:
+    """HER2ST C2 with a model trained on other sections, when such a model exists."""
+    models = (
+        sorted((shared / "models").glob("her2st*.safetensors"))
+        if (shared / "models").is_dir()
+        else []
+    )
+    if not (shared / "her2st" / "C2").is_dir() or not models:
+        logger.warning("skipping HER2ST dock screenshots: no model trained on other sections found")
+        return
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--only", choices=["synthetic", "her2st"], default=None)
+    parser.add_argument("--only", choices=["synthetic", "her2st", "docks"], default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +147,9 @@ def main() -> int:
             render_synthetic(args.out)
         if args.only in (None, "her2st"):
             render_her2st(args.out, args.shared)
+        if args.only in (None, "docks"):
+            render_docks(args.out)
+            render_her2st_docks(args.out, args.shared)
     finally:
         if display is not None:
             display.stop()

@@ -1,26 +1,160 @@
-"""The README demo: napari with the built-in synthetic sample (slide + measured 8 µm bins).
+"""The README demo: napari with the synthetic sample, a model trained on it and every dock in use.
 
-Run ``make demo`` (set-up included) or ``python -m napari_stmap.demo``. With ``--screenshot
-PATH`` the viewer renders once, saves a PNG and exits (used by the docs).
+Run ``make demo`` (set-up included) or ``python -m napari_stmap.demo``. On first run a small
+PixNet is trained on the sample by the project's own training code (a few minutes on 2 CPU
+cores, with a progress bar) and cached in the sample cache folder. The viewer then shows the
+slide, heatmaps of two marker genes, a grid of 55 µm spots with its table, and the Compare dock
+filled in. With ``--screenshot PATH`` the viewer renders once everything is computed, saves a
+PNG and exits (used by the docs).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Small training run for the demo model (2-core CPU: a few minutes).
+DEMO_TRAIN = {
+    "arch": "pixnet_tiny",
+    "genes": "top:24",
+    "epochs": 2,
+    "tile_px": 128,
+    "batch_size": 4,
+    "max_batches_per_epoch": 30,
+    "bin_um": (8.0, 16.0),
+    "seed": 0,
+}
+MARKERS = ("ERBB2", "CD3E", "COL1A1", "KRT5", "ADIPOQ", "PTPRC")
+DOCKS = ("slide_data", "predict", "genes", "regions", "compare")
 
 
-def build_viewer(show: bool = True):
-    """Open a napari viewer with the synthetic sample loaded; returns the viewer."""
+def demo_model_path() -> Path:
+    """Where the demo model is cached."""
+    from . import __version__
+    from ._sample_data import cache_dir
+
+    return cache_dir() / f"demo-model-v{__version__}.safetensors"
+
+
+def ensure_demo_model(sample=None) -> Path:
+    """Train the demo model on the synthetic sample once (progress bar); returns its path."""
+    from napari.utils import progress
+
+    from ._sample_data import ensure_sample
+    from .core.train import TrainConfig, available_threads, train_model
+
+    path = demo_model_path()
+    if path.is_file():
+        return path
+    sample = sample or ensure_sample()
+    cfg = TrainConfig(**DEMO_TRAIN, num_threads=available_threads())
+    logger.info("training the demo model once (cached in %s)", path)
+    tmp = path.with_name(path.stem + ".partial.safetensors")
+    with progress(total=cfg.epochs * cfg.max_batches_per_epoch, desc="training demo model") as bar:
+        train_model([(sample.slide, sample.outs)], tmp, cfg, progress=lambda info: bar.update(1))
+    tmp.rename(path)
+    return path
+
+
+def add_docks(viewer) -> dict:
+    """Add the five napari-stmap docks; returns them by name."""
+    from ._widgets.compare import CompareWidget
+    from ._widgets.genes import GenesWidget
+    from ._widgets.predict import PredictWidget
+    from ._widgets.regions import RegionsWidget
+    from ._widgets.slide_data import SlideDataWidget
+
+    classes = dict(
+        zip(
+            DOCKS,
+            (SlideDataWidget, PredictWidget, GenesWidget, RegionsWidget, CompareWidget),
+            strict=True,
+        )
+    )
+    titles = {
+        "slide_data": "Slide & data",
+        "predict": "Predict",
+        "genes": "Genes",
+        "regions": "Regions",
+        "compare": "Compare",
+    }
+    docks = {}
+    for key, cls in classes.items():
+        docks[key] = cls(viewer)
+        viewer.window.add_dock_widget(
+            docks[key], name=titles[key], area="right", tabify=key != "slide_data"
+        )
+    return docks
+
+
+def wait_until(predicate, timeout: float = 600.0) -> bool:
+    """Process Qt events until ``predicate()`` is true (or ``timeout`` seconds pass)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        QApplication.processEvents()
+        time.sleep(0.02)
+    return True
+
+
+def fill_demo(viewer, docks, sample, model_path, *, wait: bool = False) -> None:
+    """Load the sample and the model, predict, add heatmaps, a spot grid and Compare."""
+    import numpy as np
+
+    session = docks["predict"].session
+    data = docks["slide_data"]
+    data.load_spots(sample.outs, bin_um=8.0)
+    wait_until(lambda: session.spots is not None and session.slide is not None, 120)
+    data.load_model(model_path)
+    viewer.reset_view()
+    docks["predict"].predict_slide()
+    genes = [g for g in MARKERS if g in session.model_genes][:2] or session.model_genes[:2]
+    for gene in genes:
+        docks["genes"].add_gene(gene)
+    h, w = session.slide.shape_yx
+    regions = docks["regions"]
+    # napari ellipses from two points are (centre, radii), level-0 px here
+    regions.regions_layer().add_ellipses(np.array([[0.5 * h, 0.5 * w], [0.2 * h, 0.2 * w]]))
+    regions.regions_layer().selected_data = {0}
+    regions.make_spot_grid()
+    docks["compare"].run()
+    if wait:
+        wait_until(lambda: session.predictor is not None and session.predictor.pending == 0, 900)
+        wait_until(lambda: docks["compare"].data is not None, 900)
+        wait_until(lambda: regions.table_data is not None and regions._worker is None, 300)
+        for layer in docks["genes"].gene_layers():
+            docks["genes"].auto_contrast(layer)
+        wait_until(lambda: not docks["genes"]._contrast_workers, 60)
+    if docks["compare"].data is not None:
+        compare = docks["compare"]
+        compare.show_layers(gene=compare.selected_gene(), key=compare.scale_combo.currentText())
+        for layer in viewer.layers:
+            if layer.name.startswith("stmap: measured") or layer.name.startswith("stmap: residual"):
+                layer.visible = False
+
+
+def build_viewer(show: bool = True, *, wait: bool = False):
+    """Open a napari viewer with the synthetic sample, the docks and the demo model."""
     import napari
 
     from ._layers import show_scale_bar
     from ._sample_data import ensure_sample
 
-    ensure_sample()
+    sample = ensure_sample()
+    model_path = ensure_demo_model(sample)
     viewer = napari.Viewer(title="napari-stmap demo", show=show)
     viewer.open_sample("napari-stmap", "synthetic")
     show_scale_bar(viewer)
+    docks = add_docks(viewer)
+    wait_until(lambda: docks["predict"].session.slide is not None, 120)
+    fill_demo(viewer, docks, sample, model_path, wait=wait)
     viewer.reset_view()
     return viewer
 
@@ -33,8 +167,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="stmap: %(message)s")
     import napari
 
-    viewer = build_viewer(show=True)
+    viewer = build_viewer(show=True, wait=bool(args.screenshot))
     if args.screenshot:
+        viewer.window._qt_window.resize(1500, 950)
+        wait_until(lambda: False, 1.0)
         viewer.screenshot(args.screenshot, canvas_only=False)
         viewer.close()
         return 0

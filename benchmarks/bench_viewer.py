@@ -1,0 +1,134 @@
+"""Viewer responsiveness while the network runs, and the cost of switching genes.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_viewer.py [--tile-px 256]
+
+Opens napari (under Xvfb when no display is set) with the Predict and Genes docks on the synthetic sample and a
+random-init ``pixnet_tiny`` (the network's speed does not matter here, only that it runs),
+then measures:
+
+- the longest gap between ticks of a 10 ms QTimer on the Qt thread while the whole slide is
+  predicted in the predictor's threads with a heatmap layer refreshing (goal: at most 100 ms);
+- the time from asking for another gene to its heatmap layer being added and sliced
+  (the network does not rerun: the head is applied to cached embeddings), and the time to
+  refresh a heatmap layer after tiles arrive.
+
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _run(seconds_max: float, predicate) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + seconds_max
+    while not predicate() and time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.001)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    display = None
+    if not os.environ.get("DISPLAY"):  # napari needs OpenGL: a virtual X display (Xvfb)
+        from pyvirtualdisplay import Display
+
+        display = Display(visible=False, size=(1600, 1000), color_depth=24)
+        display.start()
+    logging.basicConfig(level=logging.WARNING)
+    import napari
+    import torch
+    from qtpy.QtCore import QTimer
+
+    from napari_stmap._sample_data import ensure_sample
+    from napari_stmap._widgets._session import get_session
+    from napari_stmap._widgets.genes import GenesWidget
+    from napari_stmap._widgets.predict import PredictWidget
+    from napari_stmap._widgets.slide_data import SlideDataWidget
+    from napari_stmap.core.model import create_model, save_model
+
+    sample = ensure_sample()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))
+    torch.manual_seed(0)
+    model = create_model("pixnet_tiny", genes=list(sample.genes[:24]))
+    save_model(model, tmp / "tiny.safetensors")
+
+    viewer = napari.Viewer(show=False)
+    session = get_session(viewer)
+    session.store_root = tmp / "stores"
+    data, predict, genes = SlideDataWidget(viewer), PredictWidget(viewer), GenesWidget(viewer)
+    worker = data.load_slide(sample.slide) if session.slide is None else None
+    _run(180, lambda: session.slide is not None and (worker is None or not worker.is_running))
+    data.load_model(tmp / "tiny.safetensors")
+    viewer.reset_view()
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    genes.add_gene(sample.genes[0])
+    _run(60, lambda: bool(genes.gene_layers()))
+    t0 = time.perf_counter()
+    predict.predict_slide()
+    _run(300, lambda: session.predictor is not None and bool(session.goal))
+    _run(
+        args.timeout,
+        lambda: session.predictor.pending == 0 and session.progress()[0] == session.progress()[1],
+    )
+    t_pred = time.perf_counter() - t0
+    _run(0.5, lambda: False)
+    timer.stop()
+    gaps = np.diff([t for t in ticks if t >= t0]) * 1e3
+    n_tiles = session.progress()[1]
+
+    switch = []
+    for gene in sample.genes[1:6]:
+        t = time.perf_counter()
+        genes.add_gene(gene)
+        _run(30, lambda g=gene: f"stmap: {g}" in viewer.layers)
+        viewer.layers[f"stmap: {gene}"].refresh()
+        switch.append((time.perf_counter() - t) * 1e3)
+    refresh = []
+    for layer in genes.gene_layers():
+        t = time.perf_counter()
+        layer.refresh()
+        refresh.append((time.perf_counter() - t) * 1e3)
+
+    rows = [
+        ("tiles predicted (whole slide, viewport first)", f"{n_tiles}"),
+        ("prediction wall time", f"{t_pred:.1f} s"),
+        ("Qt timer ticks (10 ms) during prediction", f"{len(gaps)}"),
+        ("longest gap between ticks (goal ≤ 100 ms)", f"{gaps.max():.0f} ms"),
+        ("99th percentile gap", f"{np.percentile(gaps, 99):.0f} ms"),
+        ("median gap", f"{np.median(gaps):.0f} ms"),
+        ("gene switch → layer added and sliced (median of 5)", f"{np.median(switch):.0f} ms"),
+        ("gene switch (max of 5)", f"{max(switch):.0f} ms"),
+        ("refresh of one heatmap layer (median)", f"{np.median(refresh):.0f} ms"),
+    ]
+    print("| measure | value |\n|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    session.close()
+    viewer.close()
+    if display is not None:
+        display.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,424 @@
+"""The state shared by the docks of one viewer: slide, measured spots, model, predictor.
+
+A :class:`Session` is created lazily by :func:`get_session` the first time a dock of a viewer
+asks for it and torn down when the viewer's window closes: workers are quit, the predictor's
+threads are joined. Long work runs in napari ``thread_worker``s (:meth:`Session.run`); the
+predictor runs in its own threads and reports finished tiles on a queue that a 100 ms QTimer
+polls on the Qt thread (:attr:`Session.tiles_done`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import queue
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of every layer the plugin owns (updated in place, never duplicated).
+PREFIX = "stmap: "
+_SESSIONS: dict[int, Session] = {}
+
+
+def notify_error(exc: BaseException | str, what: str = "") -> None:
+    """Show an error as a napari notification (the message says what to do)."""
+    from napari.utils.notifications import show_error
+
+    text = str(exc) if isinstance(exc, BaseException) else exc
+    if isinstance(exc, BaseException) and not text:
+        text = type(exc).__name__
+    show_error(f"napari-stmap: {what}{': ' if what else ''}{text}")
+
+
+def notify_warning(text: str) -> None:
+    """Show a warning as a napari notification."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(f"napari-stmap: {text}")
+
+
+def notify_info(text: str) -> None:
+    """Show an information message as a napari notification."""
+    from napari.utils.notifications import show_info
+
+    show_info(f"napari-stmap: {text}")
+
+
+def get_session(viewer) -> Session:
+    """The session of ``viewer`` (created on first use, shared by all docks)."""
+    key = id(viewer)
+    session = _SESSIONS.get(key)
+    if session is None or session.closed:
+        session = Session(viewer)
+        _SESSIONS[key] = session
+    return session
+
+
+def owned_layer(viewer, name: str):
+    """The layer called ``name`` in ``viewer``, or None."""
+    return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 (LayerList)
+
+
+def camera_of(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def viewport_bbox_px(viewer, mpp: float, shape_yx: Sequence[int]) -> tuple[float, ...] | None:
+    """The part of the slide in view, level-0 px ``(y0, x0, y1, x1)`` (world µm / ``mpp``).
+
+    None when the view does not overlap the slide.
+    """
+    cam = camera_of(viewer)
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None) if canvas is not None else None
+    h, w = (float(v) for v in (size if size is not None else viewer._canvas_size))
+    zoom = float(cam.zoom) or 1.0
+    cy, cx = (float(v) for v in cam.center[-2:])
+    hy, hx = h / zoom / 2, w / zoom / 2
+    y0, x0 = max((cy - hy) / mpp, 0.0), max((cx - hx) / mpp, 0.0)
+    y1, x1 = min((cy + hy) / mpp, float(shape_yx[0])), min((cx + hx) / mpp, float(shape_yx[1]))
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return (y0, x0, y1, x1)
+
+
+class _CloseWatcher(QObject):
+    """Event filter on the main window: tears the session down when the window closes."""
+
+    def __init__(self, session: Session, window) -> None:
+        super().__init__(window)
+        self._session = session
+        self._window = window
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
+        if event.type() == QEvent.Type.Close:
+            if event.spontaneous():  # the user may still cancel: check once it is handled
+                QTimer.singleShot(0, self._on_window_maybe_closed)
+            else:
+                self._session.close()
+        return False
+
+    def _on_window_maybe_closed(self) -> None:
+        try:
+            visible = self._window.isVisible()
+        except RuntimeError:  # already deleted
+            visible = False
+        if not visible:
+            self._session.close()
+
+
+class Session(QObject):
+    """Slide, measured data, model and predictor of one viewer.
+
+    Signals
+    -------
+    changed(str)
+        ``"slide"``, ``"spots"``, ``"model"``, ``"predictor"`` or ``"device"`` changed.
+    tiles_done(list)
+        Tiles ``(i, j)`` stored since the last poll (Qt thread, at most every 100 ms).
+    busy(bool)
+        Whether a prediction is running (tiles queued or in flight).
+    """
+
+    changed = Signal(str)
+    tiles_done = Signal(object)
+    busy = Signal(bool)
+
+    POLL_MS = 100
+
+    def __init__(self, viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.slide = None
+        self.slide_layer_name: str | None = None
+        self.spots = None
+        self.spots_path: Path | None = None
+        self.model_path: Path | None = None
+        self.model_meta: dict[str, Any] = {}
+        self.device = "cpu"
+        self.predictor = None
+        self.store_root: Path | None = None
+        self.closed = False
+        self.goal: list[tuple[int, int]] = []
+        self._busy = False
+        self._workers: set = set()
+        self._predictor_worker = None
+        self._after_predictor: list[Callable[[Any], None]] = []
+        self.done_queue: queue.Queue = queue.Queue()
+        self._timer = QTimer(self)
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.timeout.connect(self._on_timer_tick)
+        self._timer.start()
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            self._watcher = _CloseWatcher(self, window)
+            window.installEventFilter(self._watcher)
+            window.destroyed.connect(self.close)
+
+    # --- description ---------------------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """µm per level-0 px of the slide (1 without a slide)."""
+        return float(self.slide.mpp) if self.slide is not None else 1.0
+
+    @property
+    def units(self) -> tuple[str, str]:
+        """World units of the slide's layers: µm, or px when µm/px is unknown."""
+        known = self.slide is not None and self.slide.mpp_source != "fallback"
+        return ("um", "um") if known else ("pixel", "pixel")
+
+    @property
+    def model_genes(self) -> list[str]:
+        """Genes the model predicts (empty without a model)."""
+        return list(self.model_meta.get("genes", []))
+
+    # --- inputs ----------------------------------------------------------------------------
+    def set_slide(self, slide, layer_name: str | None = None) -> None:
+        """Use ``slide`` (a :class:`~napari_stmap.core.slide.Slide`); drops the predictor."""
+        self.slide, self.slide_layer_name = slide, layer_name
+        self.drop_predictor()
+        self.changed.emit("slide")
+
+    def set_spots(self, spots, path: str | Path | None) -> None:
+        """Use measured ``spots`` read from ``path``."""
+        self.spots = spots
+        self.spots_path = None if path is None else Path(path)
+        self.changed.emit("spots")
+
+    def set_model(self, path: str | Path, meta: dict[str, Any]) -> None:
+        """Use the model file ``path`` (metadata already read); drops the predictor."""
+        self.model_path, self.model_meta = Path(path), dict(meta)
+        self.drop_predictor()
+        self.changed.emit("model")
+
+    def set_device(self, device: str) -> None:
+        """Run the network on ``device`` from now on (the predictor is rebuilt lazily)."""
+        if device != self.device:
+            self.device = device
+            self.drop_predictor()
+            self.changed.emit("device")
+
+    # --- workers ---------------------------------------------------------------------------
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        on_done: Callable[[Any], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_finally: Callable[[], None] | None = None,
+        what: str = "",
+        progress: dict | None = None,
+    ):
+        """Run ``fn(*args)`` in a napari thread worker; results and errors come back on Qt.
+
+        Errors become napari notifications (``what`` names the task); ``on_finally`` always
+        runs (re-enable buttons there), after ``on_done`` or the error.
+        """
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(fn, *args, _progress=progress or False, _ignore_errors=True)
+        self._workers.add(worker)
+        state = {"error": None}
+
+        def _on_returned(value: Any) -> None:
+            if on_done is not None and not self.closed:
+                try:
+                    on_done(value)
+                except Exception as exc:  # a failing callback must not leave the dock stuck
+                    logger.exception("napari-stmap: %s failed", what or "callback")
+                    notify_error(exc, what)
+
+        def _on_errored(exc: BaseException) -> None:
+            state["error"] = exc
+            logger.debug("worker %s failed", what, exc_info=exc)
+            if on_error is not None:
+                on_error(exc)
+            if not self.closed:
+                notify_error(exc, what)
+
+        def _on_finished() -> None:
+            self._workers.discard(worker)
+            if on_finally is not None:
+                try:
+                    on_finally()
+                except Exception:  # pragma: no cover - widget already deleted
+                    logger.debug("on_finally failed", exc_info=True)
+
+        worker.returned.connect(_on_returned)
+        worker.errored.connect(_on_errored)
+        worker.finished.connect(_on_finished)
+        worker.start()
+        return worker
+
+    # --- predictor -------------------------------------------------------------------------
+    def store_path(self) -> Path:
+        """Prediction store of this slide and model (reused across sessions)."""
+        from .._sample_data import cache_dir
+
+        root = self.store_root or cache_dir() / "stores"
+        root.mkdir(parents=True, exist_ok=True)
+        slide_key = hashlib.sha1(str(Path(self.slide.path).resolve()).encode()).hexdigest()[:10]
+        digest = hashlib.sha1()
+        with open(self.model_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        stem = Path(self.slide.path).name.split(".")[0]
+        return root / f"{stem}-{slide_key}-{digest.hexdigest()[:10]}.zarr"
+
+    def with_predictor(
+        self, then: Callable[[Any], None], on_fail: Callable[[], None] | None = None
+    ) -> None:
+        """Call ``then(predictor)`` on the Qt thread, building the predictor in a worker first.
+
+        ``on_fail`` runs when it cannot be built (the error is shown as a notification).
+        """
+        if self.predictor is not None:
+            then(self.predictor)
+            return
+        missing = [
+            n for n, v in (("a slide", self.slide), ("a model", self.model_path)) if v is None
+        ]
+        if missing:
+            notify_error(
+                f"load {' and '.join(missing)} in the 'Slide & data' dock first", "predict"
+            )
+            if on_fail is not None:
+                on_fail()
+            return
+        self._after_predictor.append(then)
+        if self._predictor_worker is not None:
+            return
+        slide, model_path, device = self.slide, self.model_path, self.device
+
+        def build():
+            from napari_stmap.core.engine import Predictor
+
+            return Predictor(
+                slide, model_path, self.store_path(), device=device, done_queue=self.done_queue
+            )
+
+        def done(pred) -> None:
+            if self.closed or slide is not self.slide or model_path != self.model_path:
+                pred.close()
+                return
+            self.predictor = pred
+            self.changed.emit("predictor")
+            callbacks, self._after_predictor = self._after_predictor, []
+            for cb in callbacks:
+                cb(pred)
+
+        def failed(exc: BaseException) -> None:
+            self._after_predictor = []
+            if on_fail is not None:
+                on_fail()
+
+        def finish() -> None:
+            self._predictor_worker = None
+
+        self._predictor_worker = self.run(
+            build,
+            on_done=done,
+            on_error=failed,
+            on_finally=finish,
+            what="loading the model",
+            progress={"total": 0, "desc": "stmap: loading model"},
+        )
+
+    def request(self, bbox_yx: Sequence[float] | None, *, replace_goal: bool = True) -> int:
+        """Ask the predictor for a level-0 px box (None: whole slide); returns tiles queued."""
+        pred = self.predictor
+        if pred is None:
+            return 0
+        box = (0.0, 0.0, *map(float, self.slide.shape_yx)) if bbox_yx is None else tuple(bbox_yx)
+        n = pred.request(box)
+        tiles = pred.spec.tiles_in_bbox(box)
+        self.goal = tiles if replace_goal else sorted(set(self.goal) | set(tiles))
+        self._set_busy(pred.pending > 0)
+        return n
+
+    def progress(self) -> tuple[int, int]:
+        """(tiles settled, tiles wanted) of the latest request(s)."""
+        pred = self.predictor
+        if pred is None or not self.goal:
+            return 0, 0
+        from napari_stmap.core.store import TODO
+
+        done = sum(1 for t in self.goal if pred.store.state(t) != TODO)
+        return done, len(self.goal)
+
+    def cancel(self) -> None:
+        """Drop queued tiles (the batch in flight is still written)."""
+        if self.predictor is not None:
+            self.predictor.cancel()
+
+    def drop_predictor(self) -> None:
+        """Close the predictor (its threads are joined); a new one is built on demand."""
+        pred, self.predictor = self.predictor, None
+        self.goal = []
+        if pred is not None:
+            pred.close()
+            self.changed.emit("predictor")
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
+            self.busy.emit(busy)
+
+    def _on_timer_tick(self) -> None:
+        tiles = []
+        while True:
+            try:
+                tiles.append(self.done_queue.get_nowait())
+            except queue.Empty:
+                break
+        if tiles:
+            self.tiles_done.emit(tiles)
+        pred = self.predictor
+        if pred is not None:
+            self._set_busy(pred.pending > 0)
+            err = getattr(pred, "_error", None)
+            if err is not None:
+                try:
+                    pred.wait(0)
+                except BaseException as exc:
+                    notify_error(exc, "prediction failed")
+
+    # --- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the timer, quit workers, close the predictor (joins its threads); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(RuntimeError):  # Qt object already deleted
+            self._timer.stop()
+        pred, self.predictor = self.predictor, None
+        if pred is not None:
+            pred.close()  # joins its threads; workers blocked on it return
+        workers = list(self._workers)
+        for worker in workers:
+            with contextlib.suppress(RuntimeError):  # already deleted
+                worker.quit()
+        if workers:
+            from napari.qt.threading import WorkerBase
+
+            try:
+                WorkerBase.await_workers(msecs=10_000)
+            except RuntimeError:
+                logger.warning("napari-stmap: a worker did not stop within 10 s")
+        _SESSIONS.pop(id(self.viewer), None)
+        logger.debug("napari-stmap session closed")
+
+
+def fmt_um(value: float) -> str:
+    """A length in µm for labels."""
+    return "?" if value is None or not math.isfinite(value) else f"{value:.4g} µm"

@@ -1,0 +1,192 @@
+"""Dock "Predict": device, predict what I see (follows the camera) or the whole slide.
+
+The network runs in the :class:`~napari_stmap.core.engine.Predictor`'s threads; this dock only
+schedules tiles (viewport first, centre out), shows tiles done / wanted and cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._session import camera_of, get_session, notify_error, viewport_bbox_px
+
+logger = logging.getLogger(__name__)
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use here, best first (imports torch: call lazily)."""
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" if i else "cuda" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return [*out, "cpu"]
+
+
+class PredictWidget(QWidget):
+    """Device, viewport / whole-slide prediction, progress and cancel."""
+
+    DEBOUNCE_MS = 300
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self._build()
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(self.DEBOUNCE_MS)
+        self._debounce.timeout.connect(self._on_debounce_timeout)
+        camera = camera_of(self.viewer)
+        camera.events.center.connect(self._on_camera_changed)
+        camera.events.zoom.connect(self._on_camera_changed)
+        self.session.tiles_done.connect(self._on_tiles_done)
+        self.session.busy.connect(self._on_session_busy)
+        self.session.changed.connect(self._on_session_changed)
+        QTimer.singleShot(0, self._fill_devices)
+
+    def _build(self) -> None:
+        lay = QVBoxLayout(self)
+        form = QFormLayout()
+        self.device_combo = QComboBox()
+        self.device_combo.addItem("cpu")
+        self.device_combo.setToolTip("Where the network runs (CUDA / Apple MPS are detected)")
+        self.device_combo.activated.connect(self._on_device_combo_activated)
+        form.addRow("device", self.device_combo)
+        lay.addLayout(form)
+        self.follow_check = QCheckBox("Predict what I see (follow the view)")
+        self.follow_check.setToolTip(
+            "Tiles in view are predicted first, centre out, as you pan and zoom"
+        )
+        self.follow_check.toggled.connect(self._on_follow_toggled)
+        lay.addWidget(self.follow_check)
+        row = QHBoxLayout()
+        self.view_btn = QPushButton("Predict view")
+        self.view_btn.clicked.connect(self._on_view_clicked)
+        self.slide_btn = QPushButton("Predict whole slide")
+        self.slide_btn.clicked.connect(self._on_slide_clicked)
+        row.addWidget(self.view_btn)
+        row.addWidget(self.slide_btn)
+        lay.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m tiles")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        lay.addWidget(self.progress)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self._on_cancel_clicked)
+        lay.addWidget(self.cancel_btn)
+        self.status = QLabel("Load a slide and a model in 'Slide & data'.")
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+    def _fill_devices(self) -> None:
+        try:
+            devices = available_devices()
+        except Exception:  # torch missing or broken: the CPU is still offered
+            logger.debug("device detection failed", exc_info=True)
+            return
+        self.device_combo.clear()
+        self.device_combo.addItems(devices)
+        self.device_combo.setCurrentText(self.session.device)
+
+    # --- actions ---------------------------------------------------------------------------
+    def _on_device_combo_activated(self, index: int) -> None:
+        self.session.set_device(self.device_combo.itemText(index))
+
+    def _on_follow_toggled(self, on: bool) -> None:
+        if on:
+            self.predict_view()
+
+    def _on_camera_changed(self, event=None) -> None:
+        if self.follow_check.isChecked():
+            self._debounce.start()
+
+    def _on_debounce_timeout(self) -> None:
+        self.predict_view()
+
+    def _on_view_clicked(self) -> None:
+        self.predict_view()
+
+    def _on_slide_clicked(self) -> None:
+        self.predict_slide()
+
+    def predict_view(self) -> None:
+        """Predict the tiles in view (viewport first; level-0 px = world µm / mpp)."""
+        self._start(whole=False)
+
+    def predict_slide(self) -> None:
+        """Predict every tile of the slide on tissue (the view's tiles go first)."""
+        self._start(whole=True)
+
+    def _start(self, whole: bool) -> None:
+        s = self.session
+        if s.slide is None or s.model_path is None:
+            notify_error("load a slide and a model in the 'Slide & data' dock first", "predict")
+            return
+        self._set_running(True)
+
+        def go(pred) -> None:
+            box = viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
+            if box is None and not whole:
+                self.status.setText("The view does not show the slide; pan to it.")
+                self._set_running(pred.pending > 0)
+                return
+            n = s.request(box) if box is not None else 0
+            if whole:
+                n += s.request(None, replace_goal=True)
+            self.status.setText(f"{n} tiles queued ({'whole slide' if whole else 'view'}).")
+            self._update_progress()
+            self._set_running(pred.pending > 0)
+
+        s.with_predictor(go, on_fail=lambda: self._set_running(False))
+
+    def _on_cancel_clicked(self) -> None:
+        self.session.cancel()
+        self.follow_check.setChecked(False)
+        self.status.setText("Cancelled; tiles already done are kept.")
+
+    # --- feedback --------------------------------------------------------------------------
+    def _on_tiles_done(self, tiles) -> None:
+        self._update_progress()
+
+    def _update_progress(self) -> None:
+        done, total = self.session.progress()
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+
+    def _on_session_busy(self, busy: bool) -> None:
+        self._set_running(busy)
+        self._update_progress()
+        if not busy and self.session.goal:
+            done, total = self.session.progress()
+            self.status.setText(f"Done: {done} / {total} tiles (off-tissue tiles are skipped).")
+
+    def _on_session_changed(self, what: str) -> None:
+        if what in ("slide", "model", "device"):
+            self._update_progress()
+            s = self.session
+            if s.slide is not None and s.model_path is not None:
+                self.status.setText("Ready: press 'Predict view' or tick 'Predict what I see'.")
+
+    def _set_running(self, running: bool) -> None:
+        self.cancel_btn.setEnabled(running)
+        self.device_combo.setEnabled(not running)

@@ -1,0 +1,335 @@
+"""Dock "Slide & data": pick the slide, the measured spots/bins and the model file.
+
+Shows what was found (size, µm/px, bins, genes, model genes and their overlap with the measured
+genes) and warns, as napari notifications, when something does not fit (µm/px unknown, bins
+outside the slide, no shared genes). Files are read in workers; nothing blocks the Qt thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._session import PREFIX, get_session, notify_error, notify_warning, owned_layer
+
+logger = logging.getLogger(__name__)
+
+MEASURED_LAYER = f"{PREFIX}measured total counts"
+
+
+def _read_slide(path: str):
+    from napari_stmap.core.slide import open_slide
+
+    return open_slide(path)
+
+
+def _read_spots(path: str, bin_um: float | None, slide):
+    """Read spots and check them against the slide; returns (spots, warning texts)."""
+    from napari_stmap.core.spots import read_spots
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spots = read_spots(path, bin_um=bin_um)
+        if slide is not None:
+            spots.check_against_image(slide.shape_yx, name=Path(slide.path).name, mpp=slide.mpp)
+    return spots, [str(w.message) for w in caught if "napari_stmap" in str(w.category.__module__)]
+
+
+def _bin_sizes(path: str) -> list[float]:
+    from napari_stmap.core.spots import available_bin_sizes, detect_spots_layout
+
+    return available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
+
+
+class SlideDataWidget(QWidget):
+    """Pick a slide, measured data and a model; show what was found."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self._build()
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.session.changed.connect(self._on_session_changed)
+        self._on_layers_changed()
+        self._on_session_changed("")
+
+    # --- layout ----------------------------------------------------------------------------
+    def _build(self) -> None:
+        lay = QVBoxLayout(self)
+        box = QGroupBox("H&E slide")
+        form = QFormLayout(box)
+        self.slide_combo = QComboBox()
+        self.slide_combo.setToolTip("Image layers opened with napari-stmap (File > Open)")
+        self.slide_combo.activated.connect(self._on_slide_combo_activated)
+        self.open_slide_btn = QPushButton("Open slide…")
+        self.open_slide_btn.clicked.connect(self._on_open_slide_clicked)
+        form.addRow("layer", self.slide_combo)
+        form.addRow(self.open_slide_btn)
+        lay.addWidget(box)
+
+        box = QGroupBox("Measured spots / bins (optional)")
+        form = QFormLayout(box)
+        row = QHBoxLayout()
+        self.open_outs_btn = QPushButton("Space Ranger folder…")
+        self.open_outs_btn.clicked.connect(self._on_open_outs_clicked)
+        self.open_h5ad_btn = QPushButton(".h5ad…")
+        self.open_h5ad_btn.clicked.connect(self._on_open_h5ad_clicked)
+        row.addWidget(self.open_outs_btn)
+        row.addWidget(self.open_h5ad_btn)
+        form.addRow(row)
+        self.bin_combo = QComboBox()
+        self.bin_combo.setToolTip("Visium HD: which bin size to read (µm)")
+        self.bin_combo.setEnabled(False)
+        self.bin_combo.activated.connect(self._on_bin_combo_activated)
+        form.addRow("bin size", self.bin_combo)
+        lay.addWidget(box)
+
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.open_model_btn = QPushButton("Open model (.safetensors)…")
+        self.open_model_btn.clicked.connect(self._on_open_model_clicked)
+        form.addRow(self.open_model_btn)
+        lay.addWidget(box)
+
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.info.setTextFormat(Qt.TextFormat.RichText)
+        lay.addWidget(self.info)
+        lay.addStretch(1)
+        self._buttons = [
+            self.open_slide_btn,
+            self.open_outs_btn,
+            self.open_h5ad_btn,
+            self.open_model_btn,
+        ]
+
+    def _set_enabled(self, on: bool) -> None:
+        for b in self._buttons:
+            b.setEnabled(on)
+
+    # --- slide -----------------------------------------------------------------------------
+    def _slide_layers(self) -> list:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if layer._type_string == "image"
+            and (layer.metadata.get("stmap") or {}).get("kind") == "slide"
+        ]
+
+    def _on_layers_changed(self, event=None) -> None:
+        names = [layer.name for layer in self._slide_layers()]
+        current = self.slide_combo.currentText()
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems(names)
+        if current in names:
+            self.slide_combo.setCurrentText(current)
+        self.slide_combo.blockSignals(False)
+        if self.session.slide is None and names:
+            self.use_slide_layer(names[0])
+
+    def _on_slide_combo_activated(self, index: int) -> None:
+        self.use_slide_layer(self.slide_combo.itemText(index))
+
+    def use_slide_layer(self, name: str):
+        """Use the slide behind the image layer ``name`` (opened in a worker)."""
+        layer = owned_layer(self.viewer, name)
+        meta = (layer.metadata.get("stmap") or {}) if layer is not None else {}
+        if not meta.get("path"):
+            notify_error(
+                f"layer {name!r} has no napari-stmap slide metadata; open the slide with 'Open slide…'"
+            )
+            return None
+        return self._open_slide(meta["path"], layer_name=name)
+
+    def _on_open_slide_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open H&E slide", "", "Slides (*.svs *.tif *.tiff *.ome.tif *.jpg *.png)"
+        )
+        if path:
+            self.load_slide(path)
+
+    def load_slide(self, path: str | Path):
+        """Open the slide file ``path`` and add it as a layer (worker); returns the worker."""
+        return self._open_slide(str(path), layer_name=None)
+
+    def _open_slide(self, path: str, layer_name: str | None):
+        self._set_enabled(False)
+
+        def done(slide) -> None:
+            name = layer_name
+            if name is None:
+                from .._layers import show_scale_bar, slide_layer
+
+                data, kwargs, _ = slide_layer(slide)
+                existing = [
+                    ly
+                    for ly in self._slide_layers()
+                    if ly.metadata["stmap"]["path"] == str(slide.path)
+                ]
+                name = existing[0].name if existing else self.viewer.add_image(data, **kwargs).name
+                show_scale_bar(self.viewer)
+            if slide.mpp_source == "fallback":
+                notify_warning(
+                    f"{Path(path).name}: µm/px is unknown; the world is in pixels and spot sizes "
+                    "are wrong. Re-save the slide with its resolution (OME-TIFF) or pass --mpp."
+                )
+            self.session.set_slide(slide, name)
+
+        return self.session.run(
+            _read_slide,
+            path,
+            on_done=done,
+            on_finally=lambda: self._set_enabled(True),
+            what="opening the slide",
+        )
+
+    # --- measured data ---------------------------------------------------------------------
+    def _on_open_outs_clicked(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Space Ranger outs / binned_outputs folder")
+        if path:
+            self.load_spots(path)
+
+    def _on_open_h5ad_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Spatial AnnData", "", "AnnData (*.h5ad)")
+        if path:
+            self.load_spots(path)
+
+    def _on_bin_combo_activated(self, index: int) -> None:
+        if self.session.spots_path is not None:
+            self.load_spots(self.session.spots_path, bin_um=float(self.bin_combo.itemData(index)))
+
+    def load_spots(self, path: str | Path, bin_um: float | None = None):
+        """Read measured spots/bins (worker), show them as a layer; returns the worker."""
+        path = str(path)
+        try:
+            sizes = _bin_sizes(path)
+        except Exception as exc:
+            notify_error(exc, "reading the measured data")
+            return None
+        if sizes and bin_um is None:
+            bin_um = 8.0 if 8.0 in sizes else sizes[0]
+        self.bin_combo.clear()
+        for s in sizes:
+            self.bin_combo.addItem(f"{s:g} µm", s)
+        if bin_um is not None and sizes:
+            self.bin_combo.setCurrentIndex(sizes.index(bin_um) if bin_um in sizes else 0)
+        self.bin_combo.setEnabled(bool(sizes))
+        self._set_enabled(False)
+
+        def done(result) -> None:
+            spots, texts = result
+            for text in texts:
+                notify_warning(text)
+            self._show_spots(spots)
+            self.session.set_spots(spots, path)
+            self._check_overlap()
+
+        return self.session.run(
+            _read_spots,
+            path,
+            bin_um,
+            self.session.slide,
+            on_done=done,
+            on_finally=lambda: self._set_enabled(True),
+            what="reading the measured data",
+        )
+
+    def _show_spots(self, spots) -> None:
+        from .._layers import spots_layer
+
+        data, kwargs, kind = spots_layer(spots, name=MEASURED_LAYER)
+        kwargs["visible"] = False
+        old = owned_layer(self.viewer, MEASURED_LAYER)
+        if old is not None:
+            self.viewer.layers.remove(old)
+        getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+
+    # --- model -----------------------------------------------------------------------------
+    def _on_open_model_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "napari-stmap model", "", "Model (*.safetensors)"
+        )
+        if path:
+            self.load_model(path)
+
+    def load_model(self, path: str | Path) -> bool:
+        """Use the model file ``path`` (only its JSON header is read here)."""
+        from napari_stmap.core.model import read_model_metadata
+
+        try:
+            meta = read_model_metadata(path)
+        except Exception as exc:
+            notify_error(exc, "opening the model")
+            return False
+        if meta.get("input_kind", "dense") != "dense" and meta.get("arch") not in (None, "pixnet"):
+            notify_warning(
+                f"{Path(path).name} ({meta.get('arch')}) predicts one value per spot crop; the "
+                "viewer needs a dense model such as pixnet"
+            )
+        self.session.set_model(path, meta)
+        self._check_overlap()
+        return True
+
+    def _check_overlap(self) -> None:
+        s = self.session
+        if s.spots is None or not s.model_genes:
+            return
+        shared = set(s.model_genes) & set(map(str, s.spots.genes))
+        if not shared:
+            notify_warning(
+                "none of the model's genes is measured in the loaded data: check that the gene "
+                "names use the same convention (symbols vs Ensembl ids)"
+            )
+
+    # --- summary ---------------------------------------------------------------------------
+    def _on_session_changed(self, what: str) -> None:
+        s = self.session
+        lines = []
+        if s.slide is not None:
+            h, w = s.slide.shape_yx
+            mpp = s.slide.mpp
+            src = " (unknown!)" if s.slide.mpp_source == "fallback" else ""
+            lines.append(
+                f"<b>Slide</b> {Path(s.slide.path).name}: {w}×{h} px, {mpp:.4g} µm/px{src}, "
+                f"{w * mpp / 1000:.2f}×{h * mpp / 1000:.2f} mm"
+            )
+        else:
+            lines.append("<b>Slide</b>: none — open one (File › Open or 'Open slide…')")
+        if s.spots is not None:
+            sp = s.spots
+            lines.append(
+                f"<b>Measured</b> {sp.library_id}: {sp.n_spots:,} {sp.footprint} "
+                f"{sp.bin_um:g} µm {'bins' if sp.footprint == 'square' else 'spots'}, "
+                f"{sp.n_genes:,} genes"
+            )
+        if s.model_path is not None:
+            m = s.model_meta
+            lines.append(
+                f"<b>Model</b> {s.model_path.name}: {m.get('arch', '?')}, {len(s.model_genes)} genes, "
+                f"{m.get('mpp', '?')} µm/px, stride {m.get('stride', '?')}"
+            )
+            if s.spots is not None:
+                shared = len(set(s.model_genes) & set(map(str, s.spots.genes)))
+                lines.append(
+                    f"<b>Overlap</b>: {shared} of {len(s.model_genes)} model genes are measured"
+                )
+        else:
+            lines.append("<b>Model</b>: none — open a .safetensors model ('stmap train' makes one)")
+        self.info.setText("<br>".join(lines))
