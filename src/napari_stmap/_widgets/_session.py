@@ -415,6 +415,9 @@ class Session(QObject):
                 WorkerBase.await_workers(msecs=10_000)
             except RuntimeError:
                 logger.warning("napari-stmap: a worker did not stop within 10 s")
+        from ..core.engine import shutdown_io_pool
+
+        shutdown_io_pool()
         _SESSIONS.pop(id(self.viewer), None)
         logger.debug("napari-stmap session closed")
 

@@ -195,7 +195,7 @@ class Slide:
         sy0, sy1 = max(ly0, 0), min(ly1, arr.shape[0])
         sx0, sx1 = max(lx0, 0), min(lx1, arr.shape[1])
         if sy1 > sy0 and sx1 > sx0:
-            crop = np.asarray(arr[sy0:sy1, sx0:sx1].compute())
+            crop = np.asarray(arr[sy0:sy1, sx0:sx1].compute(scheduler="threads"))
             out[sy0 - ly0 : sy1 - ly0, sx0 - lx0 : sx1 - lx0] = crop
         return out
 
@@ -219,7 +219,7 @@ class Slide:
         for i, lvl in enumerate(self.levels):
             if max(lvl.shape[:2]) >= max_px:
                 level = i
-        img = np.asarray(self.levels[level].compute())
+        img = np.asarray(self.levels[level].compute(scheduler="threads"))
         scale = max_px / max(img.shape[:2])
         if scale >= 1:
             return img
