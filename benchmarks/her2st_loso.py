@@ -1,0 +1,392 @@
+"""Leave-one-section-out benchmark on HER2ST (patient C, sections C2–C5; legacy ST, 100 µm spots).
+
+For every test section, the other sections train:
+
+- ``pixnet``: the dense model (``stmap train --arch pixnet`` defaults, random init);
+- ``spotnet``: the spot-crop baseline with the same encoder and the same epochs;
+- ``mean``: predict the training mean (per gene, of the normalised expression; constant, so its
+  Pearson r is undefined: NaN, reported as such; MSE/MAE are meaningful);
+- ``ridge``: ridge regression from 32 colour/texture features of each spot's disk (RGB, HED
+  and HSV statistics, background/nuclei/eosin fractions, gradient and Laplacian texture) to
+  the normalised expression and the log total, the penalty chosen by leave-one-section-out
+  cross-validation inside the training sections.
+
+All are scored by the same code on the test section's spots (top ``--genes`` genes by mean
+normalised training expression, ``log1p(1e4·gene/total)``, per-gene Pearson r across spots,
+PCC@F/S/M = quartile/median/mean over genes). No model sees the test section while training
+(no validation on it, the last epoch is kept). Results: a markdown table (mean ± std over
+folds) on stdout, ``results.json`` and PNG maps of ERBB2 and three other genes (measured vs
+PixNet's dense map vs PixNet's spot sums) under ``--out``.
+
+Usage::
+
+    python benchmarks/her2st_loso.py --data ../shared/data/her2st --out bench_her2st \
+        [--folds C2,C3,C4,C5] [--epochs 8] [--models pixnet,spotnet,mean,ridge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_stmap.core.evaluate import depth_factors, load_measured, scale_key, spot_density
+from napari_stmap.core.metrics import evaluate_expression
+from napari_stmap.core.predict_dense import read_at_mpp
+from napari_stmap.core.slide import open_slide
+from napari_stmap.core.train import TrainConfig, select_genes, train_model
+
+log = logging.getLogger("her2st_loso")
+SECTIONS = ("C2", "C3", "C4", "C5")
+FEATURE_MPP = 1.0
+ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/her2st"
+    )
+    p.add_argument("--out", type=Path, default=Path("bench_her2st"))
+    p.add_argument("--folds", default=",".join(SECTIONS), help="test sections, comma separated")
+    p.add_argument("--models", default="pixnet,spotnet,mean,ridge")
+    p.add_argument("--genes", type=int, default=250)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument(
+        "--encoder", default=None, help="encoder of pixnet and spotnet (default: train's)"
+    )
+    p.add_argument("--mpp", type=float, default=None, help="model µm/px (default: train's)")
+    p.add_argument("--tile-px", type=int, default=None, help="pixnet tile (default: train's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-maps", action="store_true")
+    return p.parse_args(argv)
+
+
+def section(data: Path, name: str) -> tuple[Path, Path]:
+    return data / name / "he.ome.tif", data / name / "spots.h5ad"
+
+
+# ------------------------------------------------------------------------------ networks
+def run_network(arch: str, train: list, test: tuple, args, folder: Path) -> tuple[dict, object]:
+    """Train ``arch`` on ``train`` and evaluate it on ``test`` at 100 µm."""
+    from napari_stmap.core.evaluate import evaluate_model
+
+    cfg = TrainConfig(
+        arch=arch,
+        genes=f"top:{args.genes}",
+        epochs=args.epochs,
+        encoder=args.encoder,
+        mpp=args.mpp,
+        tile_px=args.tile_px,
+        device=args.device,
+        num_threads=args.threads,
+        max_batches_per_epoch=args.steps_per_epoch,
+    )
+    t0 = time.perf_counter()
+    result = train_model(train, folder / f"{arch}.safetensors", cfg)
+    t1 = time.perf_counter()
+    model = result.model
+    model.metadata["path"] = str(folder / f"{arch}.safetensors")
+    ev = evaluate_model(model, test[0], test[1], device=args.device, tile_px=1024)
+    ev["seconds"] = {"train": t1 - t0, "evaluate": time.perf_counter() - t1}
+    ev["history"] = result.history
+    return ev, model
+
+
+# ------------------------------------------------------------------------------ baselines
+def spot_features(slide, spots) -> np.ndarray:
+    """(n, 32) colour/texture features of each spot's disk at 1 µm/px."""
+    from skimage.color import rgb2hed, rgb2hsv
+
+    f = FEATURE_MPP / slide.mpp
+    d = int(math.ceil(spots.size_px / f)) + 2
+    yy, xx = np.mgrid[:d, :d] + 0.5
+    rows = []
+    for c in spots.centers_yx / f:
+        origin = np.floor(c - d / 2).astype(int)
+        img = read_at_mpp(slide, tuple(origin), (d, d), FEATURE_MPP)
+        mask = np.hypot(yy + origin[0] - c[0], xx + origin[1] - c[1]) <= spots.size_px / f / 2
+        rows.append(_disk_features(img, mask, rgb2hed, rgb2hsv))
+    return np.asarray(rows)
+
+
+def _disk_features(img, mask, rgb2hed, rgb2hsv) -> list[float]:
+    from scipy import ndimage
+
+    rgb = img.astype(float) / 255.0
+    hed, hsv = rgb2hed(img), rgb2hsv(img)
+    grey = rgb.mean(axis=2)
+    px, h = rgb[mask], hed[mask]
+    grad = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))[mask]
+    lap = np.abs(ndimage.laplace(grey))[mask]
+    coarse = ndimage.uniform_filter(grey, 8)[mask]
+    white = (px.min(axis=1) > 0.85).mean()
+    h_thr = np.percentile(hed[..., 0], 75)
+    feats = [*px.mean(0), *px.std(0), *h.mean(0), *h.std(0)]
+    feats += [*np.percentile(h[:, 0], [10, 50, 90]), *np.percentile(h[:, 1], [10, 50, 90])]
+    feats += [*hsv[mask].mean(0), hsv[mask][:, 1].std()]
+    feats += [white, (h[:, 0] > h_thr).mean(), (h[:, 1] > h[:, 0]).mean()]
+    feats += [grad.mean(), grad.std(), lap.mean(), coarse.std(), grey[mask].std()]
+    return feats
+
+
+def normalised(measured, genes: list[str], factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(n, G) log1p(1e4·g/total) of the genes and (n,) log1p(depth-scaled total)."""
+    from napari_stmap.core.aggregate import normalize_expression
+
+    m = measured.restrict(genes)
+    norm = normalize_expression(m.spots.counts, m.total)
+    return norm, np.log1p(m.total * factor)
+
+
+def as_counts(norm: np.ndarray, log_total: np.ndarray) -> np.ndarray:
+    """Pseudo-counts (n, G + 1) whose normalisation gives back ``norm`` (total last)."""
+    total = np.expm1(log_total)
+    return np.column_stack([np.expm1(norm) * total[:, None] / 1e4, total])
+
+
+def ridge(x_train, y_train, x_test, alpha: float) -> np.ndarray:
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-9
+    a, b = (x_train - mu) / sd, (x_test - mu) / sd
+    ym = y_train.mean(0)
+    w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ (y_train - ym))
+    return b @ w + ym
+
+
+def choose_alpha(xs: list, ys: list) -> float:
+    """Penalty maximising mean per-gene r in leave-one-section-out CV over training sections."""
+    from napari_stmap.core.metrics import pearson_per_gene
+
+    scores = []
+    for alpha in ALPHAS:
+        rs = []
+        for k in range(len(xs)):
+            xt = np.concatenate([x for j, x in enumerate(xs) if j != k])
+            yt = np.concatenate([y for j, y in enumerate(ys) if j != k])
+            rs.append(
+                np.nanmean(pearson_per_gene(ridge(xt, yt, xs[k], alpha)[:, :-1], ys[k][:, :-1]))
+            )
+        scores.append(np.mean(rs))
+    return ALPHAS[int(np.nanargmax(scores))]
+
+
+def run_baselines(train: list, test: tuple, genes: list[str], which: set[str]) -> dict[str, dict]:
+    """Mean and ridge baselines on the test spots (same genes, same metrics)."""
+    measured = [load_measured(p) for _, p in train]
+    ref, factors = depth_factors([spot_density(m.units(m.base_um)) for m in measured])
+    test_m = load_measured(test[1])
+    test_factor = ref / spot_density(test_m.units(test_m.base_um))
+    ys = []
+    for m, f in zip(measured, factors, strict=True):
+        norm, lt = normalised(m, genes, f)
+        ys.append(np.column_stack([norm, lt]))
+    out = {}
+    if "mean" in which:
+        y = np.nanmean(np.concatenate(ys), axis=0)
+        pred = np.tile(y, (test_m.spots.n_spots, 1))
+        out["mean"] = score(as_counts(pred[:, :-1], pred[:, -1]), test_m, genes, test_factor)
+    if "ridge" in which:
+        t0 = time.perf_counter()
+        xs = [
+            spot_features(open_slide(s), m.spots) for (s, _), m in zip(train, measured, strict=True)
+        ]
+        alpha = choose_alpha(xs, ys)
+        x_test = spot_features(open_slide(test[0]), test_m.spots)
+        pred = ridge(np.concatenate(xs), np.concatenate(ys), x_test, alpha)
+        out["ridge"] = score(as_counts(pred[:, :-1], pred[:, -1]), test_m, genes, test_factor)
+        out["ridge"]["alpha"] = alpha
+        out["ridge"]["seconds"] = {"train": time.perf_counter() - t0, "evaluate": 0.0}
+    return out
+
+
+def score(pred_counts: np.ndarray, measured, genes: list[str], factor: float) -> dict:
+    """The evaluation JSON (one scale) for predictions given as counts."""
+    m = measured.restrict(genes)
+    res = evaluate_expression(
+        pred_counts, m.spots.counts * factor, m.total * factor, genes=genes, gene_list=genes
+    )
+    key = scale_key(m.base_um)
+    keys = ("pcc_f", "pcc_s", "pcc_m", "mse", "mae", "n_spots", "n_genes")
+
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    def block(b):
+        return {k: clean(b[k]) for k in keys}, {
+            g: clean(float(r)) for g, r in b["per_gene"].items()
+        }
+
+    (ns, ng), (as_, ag) = block(res["normalised"]), block(res["absolute"])
+    return {
+        "scales": {key: ns},
+        "genes": {key: ng},
+        "absolute": {"scales": {key: as_}, "genes": {key: ag}},
+    }
+
+
+# ---------------------------------------------------------------------------------- maps
+def map_genes(result: dict) -> list[str]:
+    """ERBB2 (if evaluated) and the best-predicted other genes, four in all."""
+    per_gene = next(iter(result["genes"].values()))
+    ranked = sorted(
+        (g for g, r in per_gene.items() if r is not None and g != "ERBB2"),
+        key=lambda g: -per_gene[g],
+    )
+    return (["ERBB2"] if "ERBB2" in per_gene else []) + ranked[: 4 - ("ERBB2" in per_gene)]
+
+
+def map_data(model, test: tuple, genes: list[str]) -> dict:
+    """Measured and predicted normalised expression of ``genes``: spots and the dense map."""
+    from napari_stmap.core.aggregate import normalize_expression
+    from napari_stmap.core.predict_dense import predict_map, predict_spots
+
+    slide, measured = open_slide(test[0]), load_measured(test[1])
+    c, pad = measured.spots.centers_yx, measured.spots.size_px
+    dense, grid = predict_map(model, slide, (*(c.min(0) - pad), *(c.max(0) + pad)), tile_px=1024)
+    spot_pred = predict_spots(model, slide, measured.spots, tile_px=1024)
+    meas = measured.restrict(genes)
+    idx = [model.genes.index(g) for g in genes]
+    return {
+        "centers": c,
+        "measured": normalize_expression(meas.spots.counts, meas.total),
+        "spots": normalize_expression(spot_pred[:, idx], spot_pred[:, -1]),
+        "dense": np.log1p(1e4 * dense[idx] / np.maximum(dense[-1], 1e-9)),
+        "extent": (grid.bbox_yx[1], grid.bbox_yx[3], grid.bbox_yx[2], grid.bbox_yx[0]),
+    }
+
+
+def plot_maps(model, test: tuple, result: dict, out_png: Path) -> None:
+    """Per gene: measured spots, PixNet's dense map, PixNet's spot sums (same colour range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    genes = map_genes(result)
+    per_gene = next(iter(result["genes"].values()))
+    d = map_data(model, test, genes)
+    c, extent = d["centers"], d["extent"]
+    fig, axes = plt.subplots(len(genes), 3, figsize=(12, 4 * len(genes)), squeeze=False)
+    for row, g in enumerate(genes):
+        lo, hi = np.nanpercentile(d["measured"][:, row], [2, 98])
+        plo, phi = np.nanpercentile(d["spots"][:, row], [2, 98])
+        axes[row, 0].scatter(c[:, 1], c[:, 0], c=d["measured"][:, row], s=25, vmin=lo, vmax=hi)
+        axes[row, 1].imshow(d["dense"][row], extent=extent, vmin=plo, vmax=phi)
+        axes[row, 2].scatter(c[:, 1], c[:, 0], c=d["spots"][:, row], s=25, vmin=plo, vmax=phi)
+        axes[row, 0].set_title(f"{g} measured (log1p cp10k)")
+        axes[row, 1].set_title(f"{g} PixNet dense map")
+        axes[row, 2].set_title(f"{g} PixNet spot sums, r={per_gene[g]:.2f}")
+        for ax in axes[row]:
+            ax.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- summary
+def summary(results: dict[str, dict[str, dict]]) -> tuple[str, dict]:
+    """Markdown table of PCC@F/S/M (normalised) mean ± std over folds, per model."""
+    models = sorted(
+        {m for fold in results.values() for m in fold},
+        key=["pixnet", "spotnet", "ridge", "mean"].index,
+    )
+    lines = [
+        "| model | folds | PCC@F | PCC@S | PCC@M | MSE | abs PCC@M | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    table = {}
+    for m in models:
+        runs = [fold[m] for fold in results.values() if m in fold]
+        vals = {
+            k: [_first(r["scales"])[k] for r in runs] for k in ("pcc_f", "pcc_s", "pcc_m", "mse")
+        }
+        vals["abs_pcc_m"] = [_first(r["absolute"]["scales"])["pcc_m"] for r in runs]
+        vals["train_s"] = [r.get("seconds", {}).get("train", 0.0) for r in runs]
+        stats = {k: (_nanstat(v, np.nanmean), _nanstat(v, np.nanstd)) for k, v in vals.items()}
+        table[m] = {"folds": len(runs), **{k: {"mean": a, "std": b} for k, (a, b) in stats.items()}}
+        cells = [
+            f"{stats[k][0]:.3f} ± {stats[k][1]:.3f}"
+            for k in ("pcc_f", "pcc_s", "pcc_m", "mse", "abs_pcc_m")
+        ]
+        lines.append(
+            f"| {m} | {len(runs)} | " + " | ".join(cells) + f" | {stats['train_s'][0]:.0f} |"
+        )
+    return "\n".join(lines), table
+
+
+def _first(d: dict) -> dict:
+    return next(iter(d.values()))
+
+
+def _nanstat(values, fn) -> float:
+    arr = np.array([np.nan if v is None else v for v in values], dtype=float)
+    return float(fn(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def run_fold(test_name: str, args, which: set[str]) -> dict:
+    """Train and score every model of one fold; writes the maps PNG."""
+    folder = args.out / f"test_{test_name}"
+    folder.mkdir(exist_ok=True)
+    train = [section(args.data, s) for s in SECTIONS if s != test_name]
+    test = section(args.data, test_name)
+    fold, pix = {}, None
+    for arch in ("pixnet", "spotnet"):
+        if arch in which:
+            fold[arch], model = run_network(arch, train, test, args, folder)
+            pix = model if arch == "pixnet" else pix
+            log.info("%s %s: %s", test_name, arch, _first(fold[arch]["scales"]))
+    genes = list(pix.genes) if pix is not None else _genes(train, args.genes)
+    fold.update(run_baselines(train, test, genes, which))
+    if pix is not None and not args.no_maps:
+        plot_maps(pix, test, fold["pixnet"], folder / f"maps_{test_name}.png")
+    return fold
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in (
+        "napari_stmap.core.slide",
+        "napari_stmap.core.spots",
+        "napari_stmap.core.metrics",
+    ):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    which = set(args.models.split(","))
+    results: dict[str, dict] = {}
+    for test_name in args.folds.split(","):
+        results[test_name] = run_fold(test_name, args, which)
+        (args.out / "results.json").write_text(
+            json.dumps({"folds": results}, indent=1, default=_json)
+        )
+    text, table = summary(results)
+    print(text)
+    out = {"summary": table, "folds": results}
+    (args.out / "results.json").write_text(json.dumps(out, indent=1, default=_json))
+    (args.out / "results.md").write_text(text + "\n")
+    return 0
+
+
+def _genes(train: list, k: int) -> list[str]:
+    measured = [load_measured(p) for _, p in train]
+    return select_genes(measured, [m.units(m.base_um) for m in measured], f"top:{k}")
+
+
+def _json(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
