@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="stmap: %(message)s"
     )
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings become our errors
     warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
@@ -191,6 +192,7 @@ def _subcommands() -> list[Callable]:
     from ._cli_model import _add_evaluate, _add_train
 
     return [_add_info, _add_synth, _add_train, _add_evaluate, _add_predict, _add_aggregate]
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -356,7 +356,10 @@ def _main_series(tf: tifffile.TiffFile, path: Path) -> tuple[int, tifffile.TiffP
         if name not in _AUX_SERIES and len(series.shape) >= 2:
             log.debug("%s: series %d %r axes %s %s", path, index, name, series.axes, series.shape)
             return index, series
-    msg = f"{path}: no image found in this TIFF (only label/macro/thumbnail); check the file"
+    if not tf.series:
+        msg = f"{path}: no readable image in this TIFF (corrupt or truncated header); export the file again"
+    else:
+        msg = f"{path}: no image found in this TIFF (only label/macro/thumbnail); check the file"
     raise StmapInputError(msg)
 
 
