@@ -21,7 +21,7 @@ PixNet's dense map vs PixNet's spot sums) under ``--out``.
 Usage::
 
     python benchmarks/her2st_loso.py --data ../shared/data/her2st --out bench_her2st \
-        [--folds C2,C3,C4,C5] [--epochs 8] [--models pixnet,spotnet,mean,ridge]
+        [--folds C2,C3,C4,C5] [--epochs 24] [--models pixnet,spotnet,mean,ridge]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", default=",".join(SECTIONS), help="test sections, comma separated")
     p.add_argument("--models", default="pixnet,spotnet,mean,ridge")
     p.add_argument("--genes", type=int, default=250)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument(
         "--encoder", default=None, help="encoder of pixnet and spotnet (default: train's)"

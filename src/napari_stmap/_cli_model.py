@@ -17,7 +17,7 @@ from .core.errors import StmapInputError
 __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
 
 _TRAIN_EPILOG = """\
-defaults (random init, sized for a 2-core CPU, ~10-15 min for three HER2ST sections):
+defaults (random init, sized for a 2-core CPU: ~7 min for three HER2ST sections):
   Visium / legacy ST spots (>= 55 µm): --mpp 2.0, stride 4, --tile-px 256, encoder regnetx_002
   Visium HD bins: --mpp 0.5, stride 4, --tile-px 256, same encoder, --bin-um 2,8,16
   SpotNet: same encoder, crops of max(112 µm, 1.6 x spot size)
@@ -64,7 +64,7 @@ _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
             "help": "Visium HD training scales in µm; default 2,8,16",
         },
     ),
-    ("--epochs", {"type": int, "default": 8, "help": "epochs; default 8"}),
+    ("--epochs", {"type": int, "default": 24, "help": "epochs; default 24"}),
     ("--device", {"default": "cpu", "help": "cpu, cuda or mps; default cpu"}),
     (
         "--val-slide",

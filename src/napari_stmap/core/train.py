@@ -42,20 +42,25 @@ Defaults (2-core CPU, random init; see :func:`resolve_config`)
 - Spots ≥ 55 µm (Visium, legacy ST such as HER2ST's 100 µm spots at 200 µm pitch): model at
   **2.0 µm/px**, output stride 4 (8 µm map pixels), tiles of 256 px = 512 µm (about 4, at most
   9, HER2ST spots per tile), encoder ``regnetx_002`` with a three-stage decoder (64, 32, 32
-  channels), batches of 8 tiles, 8 epochs: about 10–15 minutes on 2 free CPU cores for three
-  HER2ST sections. Why 2 µm/px: nuclei are still 3–5 px, enough to tell tumour, stroma,
-  immune cells and fat apart (what a randomly initialised network can learn from ~550
-  spots), and a tile costs a quarter of the same tile at 1 µm/px, so the CPU budget buys
-  four times more passes over the spots. Measured (train C3–C5, validate C2, CPU shared with
-  other jobs): PCC@M 0.16 after 2 epochs at 1 µm/px (384 px tiles, 11 min) vs 0.19 after 4
-  epochs at 2 µm/px (8 min). With a GPU and a pretrained encoder use ``--mpp 1.0`` or 0.5.
+  channels), batches of 8 tiles, 24 epochs: about 6–7 minutes for three HER2ST sections on
+  this project's 2-core CPU shared with another job. Why 2 µm/px: nuclei are still 3–5 px,
+  enough to tell tumour, stroma, immune cells and fat apart (what a randomly initialised
+  network can learn from ~550 spots), and a tile costs a quarter of the same area at
+  1 µm/px, so the CPU budget buys four times more passes. Measured (train C3–C5, test C2,
+  1 thread): 2 µm/px, 24 epochs: PCC@M 0.256 in 386 s; 1 µm/px with 512 px tiles, 8 epochs:
+  0.208 in 544 s; 2 µm/px, 8 epochs: 0.208 in 122 s. With a GPU and a pretrained encoder
+  use ``--mpp 1.0`` or 0.5.
 - Visium HD bins: 0.5 µm/px, stride 4 (2 µm map pixels), tiles of 256 px, same encoder.
 - SpotNet: the same encoder and µm/px, crops of max(112 µm, 1.6 × the largest spot).
 
-On a GPU use larger settings, e.g. ``--encoder resnet50 --tile-px 512 --batch-size 16
---epochs 30``, or a pathology foundation model (UNI: ``--encoder vit_large_patch16_224
---encoder-weights uni.safetensors``, with ``--mpp 0.5``); ViT encoders attend over the whole
-tile, so their tiled maps are only approximately seamless.
+On a GPU use larger settings, e.g. ``--encoder resnet50 --mpp 1.0 --tile-px 512
+--batch-size 16 --epochs 30``, or a pathology foundation model (UNI: ``--encoder
+vit_large_patch16_224 --encoder-weights uni.safetensors``, with ``--mpp 0.5``); ViT encoders
+attend over the whole tile, so their tiled maps are only approximately seamless.
+
+CPU threads default to the cores other jobs leave free (:func:`available_threads`): torch's
+OpenMP threads spin at barriers, and one thread too many on a shared CPU makes every step
+several times slower.
 
 Resuming
 --------
@@ -179,7 +184,7 @@ class TrainConfig:
     arch: str = "pixnet"
     genes: str = "top:250"
     bin_um: tuple[float, ...] | None = None
-    epochs: int = 8
+    epochs: int = 24
     mpp: float | None = None
     tile_px: int | None = None
     stride: int | None = None
