@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import _float_list
 from .core.errors import StmapInputError
 
 __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
@@ -31,18 +32,6 @@ larger models for a GPU, e.g.:
 the resumable state (model + optimizer as safetensors, progress as JSON) is written next to
 --out as MODEL.state.safetensors / MODEL.state.json after every epoch.
 """
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        msg = f"expected comma-separated sizes in µm such as 2,8,16, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not values or min(values) <= 0:
-        msg = f"expected positive sizes in µm such as 2,8,16, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return values
 
 
 # ------------------------------------------------------------------------------------ train
