@@ -330,7 +330,12 @@ def bench_gene_switch(work: Path, slide_path: Path, pixnet, viewport: int = 1024
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--region-px", type=int, default=1536, help="side of the dense region (px)")
+    p.add_argument(
+        "--region-px",
+        type=int,
+        default=4608,
+        help="side of the dense region (px); a multiple of both tile sizes",
+    )
     p.add_argument("--big-tile-px", type=int, default=1536, help="second, larger tile size")
     p.add_argument("--spot-bins", type=int, default=48, help="bins the spot-crop model runs on")
     p.add_argument("--batch", type=int, default=2)

@@ -121,16 +121,83 @@ def render_docks(out: Path) -> None:
     viewer.close()
 
 
-def render_her2st_docks(out: Path, shared: Path) -> None:
-    """HER2ST C2 with a model trained on other sections, when such a model exists."""
-    models = (
-        sorted((shared / "models").glob("her2st*.safetensors"))
-        if (shared / "models").is_dir()
-        else []
-    )
-    if not (shared / "her2st" / "C2").is_dir() or not models:
-        logger.warning("skipping HER2ST dock screenshots: no model trained on other sections found")
+#: Genes shown on HER2ST when the model has them (ERBB2 first: the tumour should light up).
+HER2ST_GENES = ("ERBB2", "MUC1", "COL1A1", "CD74", "KRT19", "FASN")
+
+
+def her2st_model(shared: Path, given: Path | None) -> Path | None:
+    """A model trained on HER2ST sections other than C2 (``--her2st-model`` first)."""
+    candidates = [given] if given else []
+    candidates += [
+        REPO.parent / "bench_her2st" / "C2" / "pixnet.safetensors",  # benchmarks/her2st_loso.py
+        *sorted((shared / "models").glob("her2st*.safetensors")),
+    ]
+    return next((p for p in candidates if p is not None and Path(p).is_file()), None)
+
+
+def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> None:
+    """HER2ST C2 in every dock, with a PixNet trained on C3–C5 (C2 never seen in training).
+
+    The model comes from ``--her2st-model`` or the leave-one-section-out benchmark's fold C2
+    (``benchmarks/her2st_loso.py --folds C2 --out ../bench_her2st``).
+    """
+    import numpy as np
+
+    from napari_stmap.demo import add_docks, wait_until
+
+    c2 = shared / "her2st" / "C2"
+    model = her2st_model(shared, model)
+    if not c2.is_dir() or model is None:
+        logger.warning("skipping HER2ST dock screenshots: no slide or no model trained on C3–C5")
         return
+    logger.info("HER2ST docks with model %s", model)
+    viewer = _viewer()
+    viewer.window._qt_window.resize(1500, 950)
+    docks = add_docks(viewer)
+    session = docks["predict"].session
+    docks["slide_data"].load_slide(c2 / "he.ome.tif")
+    wait_until(lambda: session.slide is not None, 120)
+    docks["slide_data"].load_spots(c2 / "spots.h5ad")
+    wait_until(lambda: session.spots is not None, 120)
+    docks["slide_data"].load_model(model)
+    viewer.reset_view()
+    docks["predict"].predict_slide()
+    wait_until(lambda: session.predictor is not None and session.predictor.pending == 0, 1800)
+    genes = [g for g in HER2ST_GENES if g in session.model_genes][:2]
+    for gene in genes:
+        docks["genes"].add_gene(gene)
+    for layer in docks["genes"].gene_layers():
+        docks["genes"].auto_contrast(layer)
+    wait_until(lambda: not docks["genes"]._contrast_workers, 120)
+    # a region over the middle of the measured spots, and a 55 µm spot grid inside it
+    centres = session.spots.centers_yx
+    lo, hi = np.percentile(centres, 30, axis=0), np.percentile(centres, 70, axis=0)
+    regions = docks["regions"]
+    layer = regions.regions_layer()
+    layer.add_ellipses(np.array([(lo + hi) / 2, (hi - lo) / 2]))
+    layer.selected_data = {0}
+    regions.make_spot_grid()
+    wait_until(lambda: regions.table_data is not None and regions._worker is None, 600)
+    compare = docks["compare"]
+    compare.run()
+    wait_until(lambda: compare.data is not None, 900)
+    if compare.data is not None:
+        compare.show_layers(gene=genes[0] if genes else None, key=compare.scale_combo.currentText())
+    for layer in viewer.layers:  # measured spots beside the heatmaps only in the Compare shot
+        if layer.name.startswith(("stmap: measured", "stmap: residual")):
+            layer.visible = False
+    viewer.reset_view()
+    for title, filename in DOCK_SHOTS.items():
+        dock = viewer.window._dock_widgets.get(title)
+        if dock is not None:
+            dock.raise_()
+        if title == "Compare":
+            for layer in viewer.layers:
+                if layer.name.startswith("stmap: measured "):
+                    layer.visible = True
+        wait_until(lambda: False, 0.5)
+        _save(viewer, out / f"her2st_{filename}")
+    viewer.close()
 
 
 def main() -> int:
@@ -138,6 +205,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", choices=["synthetic", "her2st", "docks"], default=None)
+    parser.add_argument(
+        "--her2st-model", type=Path, default=None, help="PixNet trained on HER2ST C3–C5"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,9 +217,9 @@ def main() -> int:
             render_synthetic(args.out)
         if args.only in (None, "her2st"):
             render_her2st(args.out, args.shared)
+            render_her2st_docks(args.out, args.shared, args.her2st_model)
         if args.only in (None, "docks"):
             render_docks(args.out)
-            render_her2st_docks(args.out, args.shared)
     finally:
         if display is not None:
             display.stop()

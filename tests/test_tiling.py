@@ -103,7 +103,9 @@ def test_level_and_scale_follow_the_pyramid():
     assert (spec.level, spec.level_downsample, spec.scale) == (1, 2.0, 1.0)
     spec = plan_tiles(_slide(mpp=0.3, n_levels=3), MODEL)
     assert spec.level == 0 and spec.scale == pytest.approx(0.5 / 0.3)
-    assert spec.tile_px == default_tile_px(MODEL) == 512
+    assert spec.tile_px == default_tile_px(MODEL) == 1024
+    big_halo = SimpleNamespace(mpp=0.5, stride=4, halo_px=384, align_px=32, input_kind="dense")
+    assert default_tile_px(big_halo) == 1152  # 3 × halo
 
 
 def test_spec_is_frozen_and_round_trips():
