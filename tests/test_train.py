@@ -394,3 +394,138 @@ def test_spot_model_scales_by_area(pair):
     out = predict_spots(model, slide, fps)  # 0.5 µm/px: 16 µm, 8 µm squares, 32 µm disk
     np.testing.assert_allclose(out[1], out[0] / 4, rtol=1e-6)
     np.testing.assert_allclose(out[2], out[0] * math.pi * 16**2 / 256, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ z-score, EMA, TTA
+def test_zscore_loss_on_a_hand_example():
+    from napari_stmap.core.train import expression_loss
+
+    # two genes + total; the spots' totals are 1e4, so norm = log1p(counts)
+    meas = torch.tensor([[0.0, 0.0, 1e4], [0.0, 0.0, 1e4]])
+    pred = torch.tensor([[math.e - 1, 0.0, 1e4], [math.e - 1, math.e**2 - 1, 1e4]])
+    # norm differences: gene 0 (1, 1), gene 1 (0, 2); σ = (0.5, 2)
+    std = torch.tensor([0.5, 2.0])
+    _, plain = expression_loss(pred, meas)
+    _, z = expression_loss(pred, meas, gene_std=std)
+    assert plain["mse"] == pytest.approx((1 + 1 + 0 + 4) / 4, rel=1e-5)
+    assert z["mse"] == pytest.approx((4 + 4 + 0 + 1) / 4, rel=1e-5)
+    assert z["pcc"] == plain["pcc"] and z["total"] == plain["total"]
+
+
+def test_target_stats_match_numpy(tiny_data):
+    from napari_stmap.core.train import target_stats
+
+    slides = tiny_data[0]
+    stats = target_stats(slides, floor=0.0)
+    a = slides[0].anchor
+    norm = np.log1p(1e4 * a.counts.toarray() / a.total[:, None])
+    np.testing.assert_allclose(stats["mean"], norm.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"], norm.std(axis=0), rtol=1e-5)
+    assert min(target_stats(slides, floor=10.0)["std"]) == 10.0
+
+
+def test_ema_update_follows_the_formula():
+    from napari_stmap.core.train import _ema_init, _ema_update
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = _ema_init(model)
+    start = {k: v.clone() for k, v in ema.items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model.train()(torch.randn(4, 3))  # moves the batch-norm statistics and counter
+    n = _ema_update(ema, model, 0.9, 0)
+    d = min(0.9, 1 / 10)
+    assert n == 1
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema[k], d * start[k] + (1 - d) * v)
+        else:
+            assert torch.equal(ema[k], v)
+    assert _ema_update(ema, model, 0.9, 1000) == 1001  # decay capped at 0.9 late in training
+
+
+def test_training_keeps_the_averaged_weights(tmp_path, pair):
+    from safetensors.torch import load_file
+
+    from napari_stmap.core.model import load_model
+    from napari_stmap.core.train import TrainConfig, state_paths, train_model
+
+    tiny = {**TINY, "max_batches_per_epoch": 3}
+    cfg = TrainConfig(
+        arch="pixnet_tiny", genes="top:4", epochs=1, bin_um=(16.0,), ema_decay=0.5, **tiny
+    )
+    res = train_model([pair], tmp_path / "m.safetensors", cfg, val=pair)
+    raw = load_file(str(state_paths(tmp_path / "m.safetensors")[0]))
+    kept = load_model(tmp_path / "m.safetensors").state_dict()
+    returned = res.model.state_dict()
+    name = "head_.conv.weight"
+    assert torch.equal(kept[name], returned[name])
+    assert torch.equal(raw[f"ema.{name}"], kept[name])
+    assert not torch.allclose(raw[f"model.{name}"], kept[name])
+    assert res.history[0]["val_pcc_m"] is not None
+    assert load_model(tmp_path / "m.safetensors").metadata["training"]["weights"].startswith("EMA")
+
+
+@pytest.mark.parametrize("arch", ["pixnet_tiny", "spotnet_tiny"])
+def test_dihedral_embedding_is_equivariant(arch):
+    from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict_dense import dihedral_embed
+
+    torch.manual_seed(0)
+    model = create_model(arch, genes=["a", "b"]).eval()
+    size = 64 if arch == "spotnet_tiny" else 48
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        e = dihedral_embed(model, x)
+        for k, flip in [(1, False), (2, True), (3, True)]:
+            xt = torch.rot90(x, k, dims=(2, 3))
+            xt = torch.flip(xt, dims=(3,)) if flip else xt
+            et = dihedral_embed(model, xt)
+            if e.ndim == 4:  # the map turns with the image
+                want = torch.rot90(e, k, dims=(2, 3))
+                want = torch.flip(want, dims=(3,)) if flip else want
+            else:  # one vector per crop: invariant
+                want = e
+            torch.testing.assert_close(et, want, rtol=1e-4, atol=1e-5)
+        single = model.embed(x)
+    assert not torch.allclose(e, single, atol=1e-5)
+
+
+def test_tta_maps_are_still_seamless(pair):
+    from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict_dense import predict_map
+    from napari_stmap.core.slide import open_slide
+
+    torch.manual_seed(0)
+    model = create_model("pixnet_tiny", genes=["a", "b"], mpp=0.5).eval()
+    slide = open_slide(pair[0])
+    bbox = (100.0, 150.0, 190.0, 260.0)
+    small, grid_a = predict_map(model, slide, bbox, tile_px=32, batch_size=8, tta=True)
+    big, grid_b = predict_map(model, slide, bbox, tile_px=128, batch_size=8, tta=True)
+    plain, _ = predict_map(model, slide, bbox, tile_px=128, batch_size=8)
+    assert grid_a == grid_b
+    np.testing.assert_allclose(small, big, rtol=1e-4, atol=1e-4 * float(np.abs(big).max()))
+    assert not np.allclose(big, plain)
+
+
+def test_resume_with_ema_reproduces_uninterrupted_run(tmp_path, pair):
+    from napari_stmap.core.train import TrainConfig, train_model
+
+    tiny = {**TINY, "max_batches_per_epoch": 1}
+    cfg = TrainConfig(
+        arch="pixnet_tiny", genes="top:4", epochs=2, bin_um=(16.0,), ema_decay=0.9, **tiny
+    )
+    full = train_model([pair], tmp_path / "full.safetensors", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    part = tmp_path / "part.safetensors"
+    with pytest.raises(Stop):
+        train_model([pair], part, cfg, on_epoch_end=stop)
+    resumed = train_model([pair], part, cfg, resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

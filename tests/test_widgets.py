@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+from qtpy.QtCore import Qt  # noqa: E402 (after the skip)
+
 torch = pytest.importorskip("torch")
 
 TIMEOUT_MS = 60_000
@@ -87,6 +89,21 @@ def _predict_view(qtbot, docks) -> None:
     qtbot.waitUntil(finished, timeout=TIMEOUT_MS)
 
 
+def _count_embedded(monkeypatch) -> list:
+    """Tiles that go through the network from now on (one entry per tile and pass)."""
+    from napari_stmap.core import engine
+
+    seen: list = []
+    real = engine._Pipeline._flush
+
+    def flush(self, feed, batch, q_out):
+        seen.extend(tile for tile, tag, _ in batch if feed.keep(tile, tag))
+        return real(self, feed, batch, q_out)
+
+    monkeypatch.setattr(engine._Pipeline, "_flush", flush)
+    return seen
+
+
 @pytest.fixture
 def errors(monkeypatch):
     """Messages passed to napari's ``show_error``."""
@@ -99,16 +116,25 @@ def errors(monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end
 def test_load_predict_gene_regions_export_compare(
-    docks, qtbot, small_sample, tiny_model, tmp_path, errors
+    docks, qtbot, small_sample, tiny_model, tmp_path, errors, monkeypatch
 ):
     import anndata as ad
 
+    from napari_stmap._widgets.compare import _store_predictions
+    from napari_stmap.core import predict_dense
     from napari_stmap.core.aggregate import aggregate
     from napari_stmap.core.engine import ensure_region, view_grid
     from napari_stmap.core.evaluate import evaluate_measured, load_measured
     from napari_stmap.core.geometry import Rectangle
     from napari_stmap.core.model import load_model
 
+    embedded = _count_embedded(monkeypatch)
+    cli_predict_spots = predict_dense.predict_spots
+
+    def no_second_network_pass(*args, **kwargs):
+        raise AssertionError("the Compare dock ran the network outside the store")
+
+    monkeypatch.setattr(predict_dense, "predict_spots", no_second_network_pass)
     viewer, session = docks["viewer"], docks["session"]
     _load(qtbot, docks, small_sample, tiny_model)
     assert session.slide.mpp == 0.5 and session.spots.bin_um == 8.0
@@ -153,18 +179,33 @@ def test_load_predict_gene_regions_export_compare(
     assert regions.export(tmp_path / "regions.h5ad") is None and "already exists" in errors[-1]
     assert regions.export(tmp_path / "regions.csv") is not None
 
-    # compare: the same numbers as the core evaluation on the same bins
+    # compare: the core evaluation (units, depth factor, metrics) scored on the store's
+    # predictions; the network ran once per tile over viewer, regions and compare together
     compare = docks["compare"]
     compare.set_scales([8.0, 16.0])
     assert compare.chosen_scales() == [8.0, 16.0]
     _wait_worker(qtbot, compare.run())
     qtbot.waitUntil(lambda: compare.data is not None, timeout=TIMEOUT_MS)
+    assert sorted(embedded) == sorted(set(embedded)), "a tile went through the network twice"
+    assert len(embedded) == pred.store.counts()["done"]
     model = load_model(tiny_model)
     measured = load_measured(small_sample.outs, scales_um=[8.0, 16.0], slide=session.slide)
-    want = evaluate_measured(model, session.slide, measured, [8.0, 16.0])
+
+    def from_store(meas, units):
+        return _store_predictions(pred, meas, units)
+
+    want = evaluate_measured(model, session.slide, measured, [8.0, 16.0], predict=from_store)
     assert compare.data.result["scales"] == want["scales"]
     assert compare.per_gene("16") == want["genes"]["16"]
     assert compare.table.rowCount() == 6
+    # ... which agree with `stmap evaluate` (its own tiled pass) up to float16 embeddings
+    monkeypatch.setattr(predict_dense, "predict_spots", cli_predict_spots)
+    cli = evaluate_measured(model, session.slide, measured, [8.0, 16.0])
+    for key, metrics in cli["scales"].items():
+        for name in ("pcc_f", "pcc_s", "pcc_m", "mse", "mae"):
+            assert compare.data.result["scales"][key][name] == pytest.approx(
+                metrics[name], rel=1e-3, abs=1e-4
+            ), (key, name)
     compare.show_layers(gene=compare.data.genes[0], key="16")
     compare.show_layers(gene=compare.data.genes[0], key="16")
     g0 = compare.data.genes[0]
@@ -240,8 +281,156 @@ def test_closing_the_viewer_joins_predictor_threads(docks, qtbot, small_sample, 
     docks["predict"].predict_slide()
     qtbot.waitUntil(lambda: session.predictor is not None, timeout=TIMEOUT_MS)
     pred = session.predictor
+    docks["genes"].add_gene(session.model_genes[0])  # starts the heatmap thread too
+    qtbot.waitUntil(lambda: bool(docks["genes"].gene_layers()), timeout=TIMEOUT_MS)
+    assert any(t.name == "stmap-views" for t in threading.enumerate())
     docks["viewer"].close()
     assert session.closed and session.predictor is None
     assert not pred._worker.is_alive()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("stmap-")]
     assert not alive, alive
+
+
+# ---------------------------------------------------------------- responsiveness (issue #5)
+def _shown(docks, gene: str) -> bool:
+    """The heatmap of ``gene`` is on screen with every block it needs computed and drawn."""
+    genes, session, name = docks["genes"], docks["session"], f"stmap: {gene}"
+    return (
+        name in docks["viewer"].layers
+        and session.view_worker().pending == 0
+        and name not in genes._stale
+        and genes._last_refresh.get(name, 0) > 0
+        and not genes.views[name]._updated
+    )
+
+
+def test_heatmaps_are_computed_off_the_qt_thread_without_the_network(
+    docks, qtbot, small_sample, tiny_model, monkeypatch
+):
+    from napari_stmap.core import engine
+
+    viewer, session, genes = docks["viewer"], docks["session"], docks["genes"]
+    _load(qtbot, docks, small_sample, tiny_model)
+    _predict_view(qtbot, docks)
+    embedded = _count_embedded(monkeypatch)
+    on_qt_thread = []
+    real = engine._view_block
+
+    def spy(*args, **kwargs):
+        on_qt_thread.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_view_block", spy)
+    g1, g2 = session.model_genes[:2]
+    genes.add_gene(g1)
+    qtbot.waitUntil(lambda: _shown(docks, g1), timeout=TIMEOUT_MS)
+    layer = viewer.layers[f"stmap: {g1}"]
+    want = np.asarray(engine.gene_pyramid(session.predictor, g1)[-1])
+    np.testing.assert_allclose(np.asarray(layer.data[-1]), want, rtol=1e-6, equal_nan=True)
+    assert np.isfinite(want).any()
+    assert layer.thumbnail[..., :3].max() > 0  # all NaN (not yet computed) would be black
+
+    # the selected heatmap shows another gene: same layer, renamed, in place
+    genes.switch_gene(g2)
+    qtbot.waitUntil(lambda: _shown(docks, g2), timeout=TIMEOUT_MS)
+    assert viewer.layers[f"stmap: {g2}"] is layer and f"stmap: {g1}" not in viewer.layers
+    assert layer.metadata["stmap"]["gene"] == g2
+    assert [it.text() for it in genes.layer_list.findItems("stmap", Qt.MatchFlag.MatchContains)]
+    want = np.asarray(engine.gene_pyramid(session.predictor, g2)[-1])
+    np.testing.assert_allclose(np.asarray(layer.data[-1]), want, rtol=1e-6, equal_nan=True)
+    assert on_qt_thread and not any(on_qt_thread), "a heatmap block was computed on the Qt thread"
+    assert not embedded, "switching genes ran the network"
+    assert genes.colorbar.limits == tuple(layer.contrast_limits) and g2 in genes.colorbar.label
+
+
+def test_finished_tiles_refresh_layers_in_view_coalesced(docks, qtbot, small_sample, tiny_model):
+    import time
+
+    from napari_stmap._widgets._session import camera_of
+
+    viewer, session, genes = docks["viewer"], docks["session"], docks["genes"]
+    _load(qtbot, docks, small_sample, tiny_model)
+    _predict_view(qtbot, docks)
+    gene = session.model_genes[0]
+    genes.add_gene(gene)
+    qtbot.waitUntil(lambda: _shown(docks, gene), timeout=TIMEOUT_MS)
+    rows, cols = np.nonzero(session.predictor.store.done == 1)
+    done = [(int(i), int(j)) for i, j in zip(rows, cols, strict=True)]
+    assert genes.visible_tiles(done) == done
+
+    # a storm of finished tiles (every 20 ms, 1 s): at most one refresh per REFRESH_MS
+    before, t0 = genes.refreshes, time.monotonic()
+    for _ in range(50):
+        session.tiles_done.emit(done)
+        qtbot.wait(20)
+    qtbot.waitUntil(lambda: _shown(docks, gene), timeout=TIMEOUT_MS)
+    n, elapsed_ms = genes.refreshes - before, (time.monotonic() - t0) * 1e3
+    assert 1 <= n <= elapsed_ms / genes.REFRESH_MS + 1, (n, elapsed_ms)
+
+    # tiles out of view: nothing recomputed, no refresh
+    camera_of(viewer).center = (-1e6, -1e6)
+    assert genes.visible_tiles(done) == []
+    before = genes.refreshes
+    session.tiles_done.emit(done)
+    qtbot.wait(3 * genes.REFRESH_MS)
+    assert genes.refreshes == before and session.view_worker().pending == 0
+
+
+def test_shapes_and_spot_grid_stay_above_heatmaps(docks, qtbot, small_sample, tiny_model):
+    viewer, session, genes, regions = (
+        docks["viewer"],
+        docks["session"],
+        docks["genes"],
+        docks["regions"],
+    )
+    _load(qtbot, docks, small_sample, tiny_model)
+    regions.regions_layer().add_rectangles(np.array([[50.0, 50.0], [350.0, 450.0]]))
+    regions.grid_size.setValue(40.0)
+    regions.grid_pitch.setValue(80.0)
+    assert regions.make_spot_grid() > 0
+    for gene in session.model_genes[:2]:
+        genes.add_gene(gene)
+    heat = [f"stmap: {g}" for g in session.model_genes[:2]]
+
+    def on_top() -> bool:
+        names = [layer.name for layer in viewer.layers]
+        if not all(h in names for h in heat):
+            return False
+        top = min(names.index("stmap: regions"), names.index("stmap: spot grid"))
+        return all(names.index(h) < top for h in heat)
+
+    qtbot.waitUntil(on_top, timeout=TIMEOUT_MS)
+    assert viewer.layers[-1].name in ("stmap: regions", "stmap: spot grid")
+    _wait_worker(qtbot, regions._worker)
+
+
+def test_predict_shows_a_napari_progress_bar_that_cancels(docks, qtbot, small_sample, tiny_model):
+    from napari.utils import cancelable_progress, progress
+
+    session, predict = docks["session"], docks["predict"]
+    _load(qtbot, docks, small_sample, tiny_model)
+    paused = []
+    session.with_predictor(lambda pred: (pred.pause(), paused.append(pred)))
+    qtbot.waitUntil(lambda: bool(paused), timeout=TIMEOUT_MS)
+    predict.predict_slide()
+    qtbot.waitUntil(lambda: predict.pbar is not None, timeout=TIMEOUT_MS)
+    pbar = predict.pbar
+    assert isinstance(pbar, cancelable_progress) and pbar in progress._all_instances
+    assert pbar.total == session.progress()[1] > 0 and pbar.n == session.progress()[0]
+    assert predict.cancel_btn.isEnabled()
+    pbar.cancel()  # napari's activity dock Cancel button
+    qtbot.waitUntil(lambda: predict.pbar is None, timeout=TIMEOUT_MS)
+    assert session.predictor.pending == 0 and pbar not in progress._all_instances
+    assert "Stopped" in predict.status.text() and not predict.cancel_btn.isEnabled()
+
+
+def test_a_slide_is_opened_once(docks, qtbot, small_sample, monkeypatch):
+    from napari_stmap._widgets import slide_data
+
+    opened = []
+    real = slide_data._read_slide
+    monkeypatch.setattr(slide_data, "_read_slide", lambda p: opened.append(p) or real(p))
+    _wait_worker(qtbot, docks["data"].load_slide(small_sample.slide))
+    qtbot.waitUntil(lambda: docks["session"].slide is not None, timeout=TIMEOUT_MS)
+    qtbot.wait(500)
+    assert len(opened) == 1, opened

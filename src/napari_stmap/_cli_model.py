@@ -19,9 +19,14 @@ __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
 
 _TRAIN_EPILOG = """\
 defaults (random init, sized for a 2-core CPU: ~7 min for three HER2ST sections):
-  Visium / legacy ST spots (>= 55 µm): --mpp 2.0, stride 4, --tile-px 256, encoder regnetx_002
+  Visium / legacy ST spots (>= 55 µm): --mpp 2.0, stride 4, --tile-px 256, encoder resnet10t
   Visium HD bins: --mpp 0.5, stride 4, --tile-px 256, same encoder, --bin-um 2,8,16
-  SpotNet: same encoder, crops of max(112 µm, 1.6 x spot size)
+  SpotNet: same encoder, crops of max(112 µm, 1.5 x spot size), 32 crops per step
+  all: loss MSE on per-gene z-scores (--no-zscore: on log1p cp10k), EMA of the weights
+    (--ema-decay 0.98), --lr 2e-3; `stmap evaluate --tta` averages 8 turns/flips
+  MagNet: same encoder (+ a copy for the context), views of 56/112/256 µm for HD bins or
+    112/224/512 µm for spots >= 55 µm; --batch-size counts groups of 32 neighbouring bins
+    (use 1-2 on a CPU for small data such as HER2ST)
 
 larger models for a GPU, e.g.:
   --device cuda --encoder resnet50 --mpp 1.0 --tile-px 512 --batch-size 16 --epochs 30
@@ -37,7 +42,13 @@ the resumable state (model + optimizer as safetensors, progress as JSON) is writ
 # ------------------------------------------------------------------------------------ train
 #: ``stmap train`` options after --slide/--spots/--out: (flag, argparse keyword arguments).
 _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
-    ("--arch", {"default": "pixnet", "help": "pixnet (dense, default) or spotnet (baseline)"}),
+    (
+        "--arch",
+        {
+            "default": "pixnet",
+            "help": "pixnet (dense, default), spotnet (baseline) or magnet (bins + neighbour graph)",
+        },
+    ),
     (
         "--genes",
         {
@@ -64,7 +75,7 @@ _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
         },
     ),
     ("--val-spots", {"type": Path, "default": None, "help": "measured spots of --val-slide"}),
-    ("--encoder", {"default": None, "help": "timm encoder (default regnetx_002)"}),
+    ("--encoder", {"default": None, "help": "timm encoder (default resnet10t)"}),
     ("--encoder-weights", {"default": None, "help": "local .safetensors weights of the encoder"}),
     (
         "--mpp",
@@ -78,13 +89,51 @@ _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
         "--tile-px",
         {"type": int, "default": None, "help": "pixnet training tile side, model px; default 256"},
     ),
-    ("--batch-size", {"type": int, "default": 8, "help": "tiles or crops per step; default 8"}),
+    (
+        "--batch-size",
+        {
+            "type": int,
+            "default": None,
+            "help": "tiles (pixnet, default 8), crops (spotnet, default 32) or (magnet) groups "
+            "of bins (default 8) per step",
+        },
+    ),
     (
         "--lr",
         {
             "type": float,
-            "default": 1e-3,
-            "help": "peak learning rate (AdamW, warm-up + cosine); default 1e-3",
+            "default": 2e-3,
+            "help": "peak learning rate (AdamW, warm-up + cosine); default 2e-3",
+        },
+    ),
+    (
+        "--weight-decay",
+        {"type": float, "default": 1e-4, "help": "AdamW weight decay; default 1e-4"},
+    ),
+    (
+        "--zscore",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "default": True,
+            "help": "MSE on per-gene z-scores of the normalised expression (training mean/std); "
+            "default on",
+        },
+    ),
+    (
+        "--ema-decay",
+        {
+            "type": float,
+            "default": 0.98,
+            "help": "exponential moving average of the weights (per step); the saved model is "
+            "the average; default 0.98, 0 turns it off",
+        },
+    ),
+    (
+        "--crop-um",
+        {
+            "type": float,
+            "default": None,
+            "help": "spotnet crop side, µm; default max(112, 1.5 x spot size)",
         },
     ),
     (
@@ -148,6 +197,10 @@ def _train_config(args):
         tile_px=args.tile_px,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        zscore=args.zscore,
+        ema_decay=args.ema_decay,
+        crop_um=args.crop_um,
         pcc_weight=args.pcc_weight,
         total_weight=args.total_weight,
         encoder=args.encoder,
@@ -290,6 +343,11 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each tile or crop over its 8 turns and flips (8x slower)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -317,6 +375,7 @@ def cmd_evaluate(args) -> int:
         top_k=args.top_k,
         device=args.device,
         tile_px=args.tile_px,
+        tta=args.tta,
     )
     args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result))

@@ -1,8 +1,15 @@
-"""Small matplotlib canvases for the docks (colour bar, bar chart, scatter plot)."""
+"""Plots of the docks: small matplotlib canvases (bar chart, scatter plot) and a colour bar.
+
+The colour bar is painted with Qt: it is redrawn whenever contrast limits change, and a
+matplotlib redraw there cost the Qt thread ~100-150 ms each time.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from qtpy.QtCore import QRectF, Qt
+from qtpy.QtGui import QImage, QPainter, QPalette
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
 
 def make_canvas(height_in: float = 2.4):
@@ -28,9 +35,63 @@ def style_axes(ax) -> None:
     ax.title.set_color("#dddddd")
 
 
-def napari_cmap(colormap):
-    """A matplotlib colormap from a napari :class:`~napari.utils.Colormap`."""
-    from matplotlib.colors import ListedColormap
+def colormap_rgba(colormap, n: int = 256) -> np.ndarray:
+    """``(n, 4)`` RGBA floats in 0..1 of a napari :class:`~napari.utils.Colormap`."""
+    return np.clip(np.asarray(colormap.map(np.linspace(0, 1, n)), dtype=float)[:, :4], 0, 1)
 
-    values = np.linspace(0, 1, 256)
-    return ListedColormap(np.asarray(colormap.map(values))[:, :4])
+
+class ColorBar(QWidget):
+    """Horizontal colour bar: gradient, low / middle / high values and a unit label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setMinimumHeight(52)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self._image: QImage | None = None
+        self._pixels = np.zeros((1, 1, 4), np.uint8)
+        self.limits: tuple[float, float] | None = None
+        self.label = ""
+
+    def set_bar(self, rgba: np.ndarray, limits: tuple[float, float], label: str) -> None:
+        """Show the colours ``rgba`` ((n, 4) floats in 0..1) from ``limits[0]`` to ``limits[1]``."""
+        bgra = (np.asarray(rgba, dtype=float)[:, [2, 1, 0, 3]] * 255).round().astype(np.uint8)
+        self._pixels = np.ascontiguousarray(bgra[None])  # the QImage shares this buffer
+        n = self._pixels.shape[1]
+        self._image = QImage(self._pixels.data, n, 1, 4 * n, QImage.Format.Format_ARGB32)
+        self.limits = (float(limits[0]), float(limits[1]))
+        self.label = label
+        self.setToolTip(label)
+        self.update()
+
+    def clear_bar(self) -> None:
+        """Show nothing."""
+        self._image, self.limits, self.label = None, None, ""
+        self.setToolTip("")
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        if self._image is None or self.limits is None:
+            return
+        p = QPainter(self)
+        try:
+            fm = p.fontMetrics()
+            th, w = fm.height(), self.width()
+            bar = QRectF(6, 2, max(w - 12, 1), 14)
+            p.drawImage(bar, self._image)
+            p.setPen(self.palette().color(QPalette.ColorRole.WindowText))  # follows the theme
+            lo, hi = self.limits
+            y = bar.bottom() + 3
+            for frac, align in (
+                (0.0, Qt.AlignmentFlag.AlignLeft),
+                (0.5, Qt.AlignmentFlag.AlignHCenter),
+                (1.0, Qt.AlignmentFlag.AlignRight),
+            ):
+                x = bar.left() + frac * bar.width()
+                p.drawLine(int(x), int(bar.bottom()), int(x), int(y))
+                p.drawText(
+                    QRectF(x - 120 * frac, y, 120, th), align, f"{lo + frac * (hi - lo):.3g}"
+                )
+            text = fm.elidedText(self.label, Qt.TextElideMode.ElideRight, max(w - 12, 1))
+            p.drawText(QRectF(6, y + th, max(w - 12, 1), th), Qt.AlignmentFlag.AlignLeft, text)
+        finally:
+            p.end()

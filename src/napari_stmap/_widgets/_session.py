@@ -3,16 +3,19 @@
 A :class:`Session` is created lazily by :func:`get_session` the first time a dock of a viewer
 asks for it and torn down when the viewer's window closes: workers are quit, the predictor's
 threads are joined. Long work runs in napari ``thread_worker``s (:meth:`Session.run`); the
-predictor runs in its own threads and reports finished tiles on a queue that a 100 ms QTimer
-polls on the Qt thread (:attr:`Session.tiles_done`).
+predictor runs in its own threads (leaving a CPU core to the GUI) and reports finished tiles on
+a queue that a 100 ms QTimer polls on the Qt thread (:attr:`Session.tiles_done`). Heatmaps are
+computed off the Qt thread by the session's :class:`~napari_stmap.core.engine.ViewWorker`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import math
+import os
 import queue
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +67,66 @@ def get_session(viewer) -> Session:
 def owned_layer(viewer, name: str):
     """The layer called ``name`` in ``viewer``, or None."""
     return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 (LayerList)
+
+
+#: Kinds (``metadata["stmap"]["kind"]``) of the plugin's annotation layers: drawn shapes and
+#: spot grids stay above every other layer of the plugin so they are never hidden.
+ANNOTATION_KINDS = ("regions", "spot grid")
+
+
+def stmap_kind(layer) -> str | None:
+    """The plugin's kind of ``layer`` (``"gene"``, ``"regions"``, …), or None."""
+    meta = getattr(layer, "metadata", None) or {}
+    return (meta.get("stmap") or {}).get("kind")
+
+
+def keep_annotations_on_top(viewer) -> bool:
+    """Move the shapes and spot-grid layers of the plugin to the top (keeping their order).
+
+    Returns whether anything moved.
+    """
+    layers = viewer.layers
+    idx = [k for k, layer in enumerate(layers) if stmap_kind(layer) in ANNOTATION_KINDS]
+    n = len(layers)
+    if not idx or idx == list(range(n - len(idx), n)):
+        return False
+    active = layers.selection.active
+    layers.move_multiple(idx, n)
+    if active is not None and active in layers:
+        layers.selection.active = active
+    return True
+
+
+_GC_FROZEN = [False]
+
+
+def freeze_startup_objects() -> None:
+    """Exclude the objects alive now (napari, Qt, torch, the model) from garbage collection.
+
+    Once per process, after the predictor is built. A full collection walks every tracked
+    object while holding the GIL: with napari and torch loaded that is ~360,000 objects and took
+    430 ms (up to 790 ms on a busy 2-core machine) on whichever thread triggered it, freezing
+    the viewer. Frozen objects are still freed by reference counting; only reference cycles
+    among them are never collected (they are modules, classes and functions for the most part).
+    """
+    if not _GC_FROZEN[0]:
+        _GC_FROZEN[0] = True
+        gc.collect(1)  # young garbage goes first; an old-generation pass would cost the above
+        gc.freeze()
+        logger.debug("napari-stmap: %d objects frozen out of the GC", gc.get_freeze_count())
+
+
+def gui_threads() -> int:
+    """Torch CPU threads for the network in the viewer: all cores but one (at least 1).
+
+    torch's OpenMP threads spin at barriers, so with every core busy the Qt thread waits for
+    the scheduler and the viewer stutters.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def camera_of(viewer):
@@ -152,12 +215,14 @@ class Session(QObject):
         self._busy = False
         self._workers: set = set()
         self._predictor_worker = None
-        self._after_predictor: list[Callable[[Any], None]] = []
+        self._after_predictor: list[tuple[Callable[[Any], None], Callable[[], None] | None]] = []
+        self._view_worker = None
         self.done_queue: queue.Queue = queue.Queue()
         self._timer = QTimer(self)
         self._timer.setInterval(self.POLL_MS)
         self._timer.timeout.connect(self._on_timer_tick)
         self._timer.start()
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
         window = getattr(getattr(viewer, "window", None), "_qt_window", None)
         if window is not None:
             self._watcher = _CloseWatcher(self, window)
@@ -206,6 +271,26 @@ class Session(QObject):
             self.device = device
             self.drop_predictor()
             self.changed.emit("device")
+
+    # --- layers ----------------------------------------------------------------------------
+    def _on_layer_inserted(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None and stmap_kind(layer) not in (None, *ANNOTATION_KINDS):
+            # after the layer list has finished inserting (its Qt model listens too)
+            QTimer.singleShot(0, self._raise_annotations)
+
+    def _raise_annotations(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(RuntimeError, ValueError):  # viewer closing
+                keep_annotations_on_top(self.viewer)
+
+    def view_worker(self):
+        """The thread computing heatmap blocks (:class:`~napari_stmap.core.engine.ViewWorker`)."""
+        if self._view_worker is None or self._view_worker.closed:
+            from napari_stmap.core.engine import ViewWorker
+
+            self._view_worker = ViewWorker(name="stmap-views")
+        return self._view_worker
 
     # --- workers ---------------------------------------------------------------------------
     def run(
@@ -279,11 +364,20 @@ class Session(QObject):
     ) -> None:
         """Call ``then(predictor)`` on the Qt thread, building the predictor in a worker first.
 
-        ``on_fail`` runs when it cannot be built (the error is shown as a notification).
+        ``on_fail`` runs when it cannot be built (the error is shown as a notification). When
+        the slide, model or device change while it is being built, it is built again for them.
         """
         if self.predictor is not None:
             then(self.predictor)
             return
+        if not self._inputs_ready():
+            if on_fail is not None:
+                on_fail()
+            return
+        self._after_predictor.append((then, on_fail))
+        self._build_predictor()
+
+    def _inputs_ready(self) -> bool:
         missing = [
             n for n, v in (("a slide", self.slide), ("a model", self.model_path)) if v is None
         ]
@@ -291,10 +385,9 @@ class Session(QObject):
             notify_error(
                 f"load {' and '.join(missing)} in the 'Slide & data' dock first", "predict"
             )
-            if on_fail is not None:
-                on_fail()
-            return
-        self._after_predictor.append(then)
+        return not missing
+
+    def _build_predictor(self) -> None:
         if self._predictor_worker is not None:
             return
         slide, model_path, device = self.slide, self.model_path, self.device
@@ -303,26 +396,40 @@ class Session(QObject):
             from napari_stmap.core.engine import Predictor
 
             return Predictor(
-                slide, model_path, self.store_path(), device=device, done_queue=self.done_queue
+                slide,
+                model_path,
+                self.store_path(),  # hashes the model file: not on the Qt thread
+                device=device,
+                done_queue=self.done_queue,
+                num_threads=gui_threads(),
             )
 
         def done(pred) -> None:
-            if self.closed or slide is not self.slide or model_path != self.model_path:
-                pred.close()
+            stale = slide is not self.slide or model_path != self.model_path
+            if self.closed or stale or device != self.device:
+                pred.close()  # the callbacks wait for the next build (see finish)
                 return
             self.predictor = pred
+            freeze_startup_objects()
             self.changed.emit("predictor")
             callbacks, self._after_predictor = self._after_predictor, []
-            for cb in callbacks:
-                cb(pred)
+            for then, _ in callbacks:
+                then(pred)
 
         def failed(exc: BaseException) -> None:
-            self._after_predictor = []
-            if on_fail is not None:
-                on_fail()
+            callbacks, self._after_predictor = self._after_predictor, []
+            for _, fail in callbacks:
+                if fail is not None:
+                    fail()
 
         def finish() -> None:
             self._predictor_worker = None
+            if self.closed or self.predictor is not None or not self._after_predictor:
+                return
+            if self._inputs_ready():  # inputs changed meanwhile: build for the new ones
+                self._build_predictor()
+            else:
+                failed(RuntimeError("inputs gone"))
 
         self._predictor_worker = self.run(
             build,
@@ -398,12 +505,19 @@ class Session(QObject):
         """Stop the timer, quit workers, close the predictor (joins its threads); idempotent."""
         if self.closed:
             return
+        with contextlib.suppress(RuntimeError):  # docks close their progress bars
+            self._set_busy(False)
         self.closed = True
         with contextlib.suppress(RuntimeError):  # Qt object already deleted
             self._timer.stop()
+        with contextlib.suppress(Exception):  # viewer already torn down
+            self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
         pred, self.predictor = self.predictor, None
         if pred is not None:
             pred.close()  # joins its threads; workers blocked on it return
+        views, self._view_worker = self._view_worker, None
+        if views is not None:
+            views.close()  # joins its thread
         workers = list(self._workers)
         for worker in workers:
             with contextlib.suppress(RuntimeError):  # already deleted

@@ -1,10 +1,12 @@
 """Dock "Compare": measured vs predicted at chosen bin sizes.
 
 The PCC table is :func:`~napari_stmap.core.evaluate.evaluate_measured`, the function behind
-``stmap evaluate``, so the numbers are the same as the command line's. The scatter plot and the
-``stmap: measured GENE`` / ``stmap: residual GENE`` layers use the same units (bins, sums of
-bins or Visium-like disks built by :class:`~napari_stmap.core.evaluate.Measured`) with the
-predictions of the viewer's store (the additive rule over the same base bins).
+``stmap evaluate`` (same units, depth factor and metrics), scored on the predictions of the
+viewer's store: the network runs once per tile, only for tiles the store does not have yet,
+and the table, the scatter plot and the ``stmap: measured GENE`` / ``stmap: residual GENE``
+layers all use the same predicted values (the additive rule over the same base bins). The
+command line predicts with :func:`~napari_stmap.core.predict_dense.predict_spots` instead;
+both tile the same seamless map, so the numbers agree up to the store's float16 embeddings.
 """
 
 from __future__ import annotations
@@ -85,21 +87,29 @@ def _store_predictions(pred, meas, units: dict) -> dict:
     return out
 
 
-def run_compare(pred, model_path, slide, spots_path, scales_um, device: str) -> CompareResult:
-    """Worker: ``stmap evaluate``'s numbers plus per-unit values for plots and layers."""
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured, scale_key
-    from napari_stmap.core.model import load_model
+def run_compare(pred, model_path, slide, spots_path, scales_um) -> CompareResult:
+    """Worker: ``stmap evaluate``'s metrics on the store's predictions, plus plot data.
+
+    Missing tiles are predicted by ``pred`` (a :class:`~napari_stmap.core.engine.Predictor`),
+    once; tiles already in the store are reused.
+    """
+    from napari_stmap.core.evaluate import evaluate_measured, load_measured
 
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
-    model = load_model(model_path, device=device)
-    model.metadata["path"] = str(model_path)
-    result = evaluate_measured(model, slide, measured, scales_um, device=device)
-    names = [g for g in model.genes if g in set(measured.genes)]
-    meas = measured.restrict(names)
-    units = {scale_key(b): meas.units(b) for b in scales_um}
-    preds = _store_predictions(pred, meas, units)
+    model = pred.model  # already loaded: genes and metadata; it runs in the predictor only
+    seen: dict = {}
+
+    def predict(meas, units: dict) -> dict:
+        seen["meas"], seen["units"] = meas, units
+        seen["preds"] = _store_predictions(pred, meas, units)
+        return seen["preds"]
+
+    result = evaluate_measured(model, slide, measured, scales_um, predict=predict)
+    result["model"]["path"] = str(model_path)
+    meas, units = seen["meas"], seen["units"]
+    names = list(meas.genes)
     cols = [model.genes.index(g) for g in names] + [model.num_outputs - 1]
-    predicted = {k: v[:, cols] for k, v in preds.items()}
+    predicted = {k: v[:, cols] for k, v in seen["preds"].items()}
     return CompareResult(result, names, units, predicted, meas.spots)
 
 
@@ -254,7 +264,6 @@ class CompareWidget(QWidget):
                 s.slide,
                 s.spots_path,
                 scales,
-                s.device,
                 on_done=self._on_compare_done,
                 on_finally=self._on_worker_finished,
                 what="compare",
@@ -280,7 +289,7 @@ class CompareWidget(QWidget):
                 f"<tr><td>{k}</td><td>{m['n_spots']}</td><td>{f[0]}</td><td>{f[1]}</td><td>{f[2]}</td></tr>"
             )
         lines.append(
-            "</table><small>normalised log1p(1e4·g/total); same numbers as <tt>stmap evaluate</tt></small>"
+            "</table><small>normalised log1p(1e4·g/total); <tt>stmap evaluate</tt>'s metrics on the viewer's predictions</small>"
         )
         self.summary.setText("".join(lines))
         self.table.setSortingEnabled(False)

@@ -1,17 +1,23 @@
 """Dock "Genes": search a gene, add its heatmap, choose colours, scale and contrast.
 
-A heatmap is the lazy multiscale view of one gene from the prediction store
-(:func:`~napari_stmap.core.engine.gene_pyramid`): switching genes reads cached embeddings and
-applies the model's pointwise head, it never reruns the network. NaN (not yet predicted) is
-transparent. Layers are called ``stmap: GENE`` and are updated in place.
+A heatmap is a :class:`~napari_stmap.core.engine.LiveGeneView` of one gene from the prediction
+store: switching genes reads cached embeddings and applies the model's pointwise head, it never
+reruns the network. The Qt thread never computes either: napari reads the blocks computed so
+far (NaN, transparent, where a tile is not predicted or its block not computed yet), the
+session's view worker computes the blocks a read missed and wakes the dock, which refreshes the
+layer, at most every :attr:`GenesWidget.REFRESH_MS` (a 50 ms timer catches up on deferred
+refreshes). Finished tiles only cause work for the layers showing them. Layers are called
+``stmap: GENE`` and updated in place; "Show in selected" switches a layer to another gene.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QCompleter,
@@ -25,8 +31,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._plots import make_canvas, napari_cmap, style_axes
-from ._session import PREFIX, get_session, notify_error, owned_layer
+from ._plots import ColorBar, colormap_rgba
+from ._session import PREFIX, get_session, notify_error, owned_layer, viewport_bbox_px
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +53,41 @@ def is_gene_layer(layer) -> bool:
     return (layer.metadata.get("stmap") or {}).get("kind") == "gene"
 
 
-def gene_layer_data(pred, gene: str, mode: str, mpp: float) -> tuple[list, dict]:
-    """Multiscale data and placement (µm) of a gene heatmap.
+def gene_layer_view(session, pred, gene: str, mode: str, on_update=None):
+    """A live multiscale view of ``gene`` and its placement (µm) for an image layer.
 
     ``scale`` is the output pixel in µm and ``translate`` the centre of output pixel (0, 0)
     in µm (from the store's :class:`~napari_stmap.core.geometry.MapGrid`), so each value sits
     over the slide area it describes.
     """
-    from napari_stmap.core.engine import view_grid
+    from napari_stmap.core.engine import LiveGeneView, view_grid
 
     grid = view_grid(pred.store, 0)
-    data = pred.gene_pyramid(gene, mode)
+    view = LiveGeneView(pred, gene, mode, worker=session.view_worker(), on_update=on_update)
+    mpp = session.mpp
     place = {
         "scale": (grid.pixel_px * mpp,) * 2,
         "translate": tuple(v * mpp for v in grid.translate_yx),
     }
-    return data, place
+    return view, place
 
 
-def contrast_from_data(layer) -> tuple[float, float] | None:
-    """1st–99th percentile of what is predicted so far (coarsest level; worker-safe)."""
-    arr = np.asarray(layer.data[-1] if layer.multiscale else layer.data, dtype=np.float32)
+def refresh_live_layer(layer) -> None:
+    """Read ``layer`` (a live heatmap) again, thumbnail and coarsest level included.
+
+    napari (0.9) keeps the coarsest level of a 2-D multiscale layer, read once per data object,
+    for the thumbnail and for the view when zoomed out that far; drop it so both show the
+    blocks computed since.
+    """
+    clear = getattr(getattr(layer, "_level_materializer", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+    layer.refresh()
+
+
+def contrast_from_view(view) -> tuple[float, float] | None:
+    """1st–99.5th percentile of what is predicted so far (coarsest level; worker thread)."""
+    arr = view.level_data(-1)
     finite = arr[np.isfinite(arr)]
     if finite.size == 0:
         return None
@@ -78,15 +98,33 @@ def contrast_from_data(layer) -> tuple[float, float] | None:
 class GenesWidget(QWidget):
     """Gene search, heatmap layers, colormap, opacity, scale, contrast and colour bar."""
 
+    #: Emitted from the view worker's thread when a view's blocks are ready (queued to Qt).
+    blocks_ready = Signal()
+
+    #: Shortest interval between two refreshes of one layer (ms).
+    REFRESH_MS = 200
+    #: How often finished blocks are looked for (ms).
+    POLL_MS = 50
+
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.mode = "normalised"
         self._contrast_workers: dict[str, object] = {}
+        self.views: dict[str, object] = {}  # layer name -> LiveGeneView
+        self._stale: dict[str, float] = {}  # layer -> since when it has blocks not shown
+        self._last_refresh: dict[str, float] = {}
+        self.refreshes = 0  # layer refreshes so far (tests, benchmarks)
         self._build()
+        self._timer = QTimer(self)
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.timeout.connect(self._on_refresh_timer)
+        self._timer.start()
+        self.blocks_ready.connect(self._on_refresh_timer)  # no polling delay when idle
         self.session.changed.connect(self._on_session_changed)
         self.session.tiles_done.connect(self._on_tiles_done)
+        self.session.busy.connect(self._on_session_busy)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
         self._on_session_changed("model")
@@ -104,8 +142,14 @@ class GenesWidget(QWidget):
         self.search.setCompleter(self.completer)
         self.add_btn = QPushButton("Add heatmap")
         self.add_btn.clicked.connect(self._on_add_clicked)
+        self.switch_btn = QPushButton("Show in selected")
+        self.switch_btn.setToolTip(
+            "Show this gene in the heatmap selected below instead of adding a layer"
+        )
+        self.switch_btn.clicked.connect(self._on_switch_clicked)
         row.addWidget(self.search)
         row.addWidget(self.add_btn)
+        row.addWidget(self.switch_btn)
         lay.addLayout(row)
         self.layer_list = QListWidget()
         self.layer_list.setMaximumHeight(110)
@@ -133,8 +177,8 @@ class GenesWidget(QWidget):
         self.contrast_btn = QPushButton("Contrast from data so far")
         self.contrast_btn.clicked.connect(self._on_contrast_clicked)
         lay.addWidget(self.contrast_btn)
-        self.canvas, self.figure = make_canvas(1.1)
-        lay.addWidget(self.canvas)
+        self.colorbar = ColorBar()
+        lay.addWidget(self.colorbar)
         lay.addStretch(1)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -166,12 +210,15 @@ class GenesWidget(QWidget):
     def _on_add_clicked(self) -> None:
         self.add_gene(self.search.text().strip())
 
-    def add_gene(self, gene: str) -> None:
-        """Add (or select) the heatmap of ``gene``; predicts nothing by itself."""
+    def _on_switch_clicked(self) -> None:
+        self.switch_gene(self.search.text().strip())
+
+    def match_gene(self, gene: str) -> str | None:
+        """The model's spelling of ``gene`` (any case), else None (with a notification)."""
         genes = self.session.model_genes
         if not genes:
             notify_error("open a model in the 'Slide & data' dock first", "genes")
-            return
+            return None
         match = {g.lower(): g for g in genes}.get(gene.lower())
         if match is None:
             close = [g for g in genes if gene.lower() in g.lower()][:5]
@@ -181,19 +228,65 @@ class GenesWidget(QWidget):
                 else "; type to see the model's genes"
             )
             notify_error(f"{gene!r} is not one of the model's {len(genes)} genes{hint}", "genes")
+        return match
+
+    def add_gene(self, gene: str) -> None:
+        """Add (or select) the heatmap of ``gene``; predicts nothing by itself."""
+        match = self.match_gene(gene)
+        if match is not None:
+            self.session.with_predictor(lambda pred: self._add_layer(pred, match))
+
+    def switch_gene(self, gene: str) -> None:
+        """Show ``gene`` in the selected heatmap layer (renamed, updated in place).
+
+        Cheaper than :meth:`add_gene` (napari builds no new layer, controls or visual); with no
+        heatmap yet, or when ``gene`` already has one, it adds or selects that one instead.
+        """
+        match = self.match_gene(gene)
+        if match is None:
             return
-        self.session.with_predictor(lambda pred: self._add_layer(pred, match))
+        layer = self.current_layer()
+        if layer is None or owned_layer(self.viewer, gene_layer_name(match)) is not None:
+            self.add_gene(match)
+            return
+        name = layer.name
+        self.session.with_predictor(lambda pred: self._switch_layer(pred, name, match))
+
+    def _switch_layer(self, pred, name: str, gene: str) -> None:
+        layer, new = owned_layer(self.viewer, name), gene_layer_name(gene)
+        if layer is None or owned_layer(self.viewer, new) is not None:
+            self._add_layer(pred, gene)
+            return
+        view, _ = gene_layer_view(self.session, pred, gene, self.mode, self._wake)
+        old = self.views.pop(name, None)
+        if old is not None:
+            old.close()
+        self._stale.pop(name, None)
+        self._last_refresh.pop(name, None)
+        self.views[new] = view
+        layer.metadata["stmap"].update(gene=gene, mode=self.mode, auto_contrast=False)
+        layer.name = new
+        layer.data = view.arrays
+        self._sync_list()
+        items = self.layer_list.findItems(new, Qt.MatchFlag.MatchExactly)
+        if items:
+            self.layer_list.setCurrentItem(items[0])
+        self.auto_contrast(layer)
 
     def _add_layer(self, pred, gene: str) -> None:
         name = gene_layer_name(gene)
-        data, place = gene_layer_data(pred, gene, self.mode, self.session.mpp)
+        view, place = gene_layer_view(self.session, pred, gene, self.mode, self._wake)
+        old = self.views.pop(name, None)
+        if old is not None:
+            old.close()
+        self.views[name] = view
         layer = owned_layer(self.viewer, name)
         if layer is not None:  # update in place, never duplicate
-            layer.data = data
             layer.metadata["stmap"]["mode"] = self.mode
+            layer.data = view.arrays
         else:
             layer = self.viewer.add_image(
-                data,
+                view.arrays,
                 name=name,
                 multiscale=True,
                 colormap=self.cmap_combo.currentText(),
@@ -217,6 +310,10 @@ class GenesWidget(QWidget):
             self.viewer.layers.remove(layer)
 
     def _on_layer_removed(self, event=None) -> None:
+        present = {layer.name for layer in self.gene_layers()}
+        for name in [n for n in self.views if n not in present]:
+            self.views.pop(name).close()
+            self._stale.pop(name, None)
         self._sync_list()
 
     def _on_layers_inserted(self, event=None) -> None:
@@ -267,30 +364,89 @@ class GenesWidget(QWidget):
     def auto_contrast(self, layer) -> None:
         """Set ``layer``'s contrast limits from the values predicted so far (worker)."""
         name = layer.name
-        if name in self._contrast_workers:
+        view = self.views.get(name)
+        if name in self._contrast_workers or view is None:
             return
 
         def done(limits) -> None:
             target = owned_layer(self.viewer, name)
-            if limits is not None and target is not None:
+            if limits is not None and target is not None and self.views.get(name) is view:
                 target.contrast_limits_range = limits
                 target.contrast_limits = limits
                 target.metadata["stmap"]["auto_contrast"] = True
                 self._draw_colorbar()
 
         self._contrast_workers[name] = self.session.run(
-            contrast_from_data,
-            layer,
+            contrast_from_view,
+            view,
             on_done=done,
             on_finally=lambda: self._contrast_workers.pop(name, None),
             what="contrast",
         )
 
+    def visible_tiles(self, tiles) -> list:
+        """The ``tiles`` that lie (partly) in the view."""
+        s, pred = self.session, self.session.predictor
+        if pred is None or s.slide is None:
+            return []
+        box = viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
+        shown = set(pred.spec.tiles_in_bbox(box)) if box is not None else set()
+        return [t for t in map(tuple, tiles) if t in shown]
+
     def _on_tiles_done(self, tiles) -> None:
+        """Tiles were predicted: recompute their blocks in the layers that show them (worker).
+
+        Tiles out of view cost nothing now; thumbnails catch up when prediction stops.
+        """
+        hits = self.visible_tiles(tiles)
         for layer in self.gene_layers():
-            layer.refresh()
+            view = self.views.get(layer.name)
+            if view is not None and hits and layer.visible:
+                view.tiles_done(hits)
             if not layer.metadata["stmap"].get("auto_contrast"):
                 self.auto_contrast(layer)
+
+    def _on_session_busy(self, busy: bool) -> None:
+        if not busy:  # prediction stopped: show what finished out of view (thumbnails)
+            now = time.monotonic()
+            for name in self.views:
+                self._stale.setdefault(name, now)
+
+    def _wake(self) -> None:
+        """From the view worker's thread: blocks are ready (refresh without waiting a tick)."""
+        with contextlib.suppress(RuntimeError):  # the dock is already deleted
+            self.blocks_ready.emit()
+
+    def _on_refresh_timer(self) -> None:
+        """Refresh the layers whose blocks arrived, coalesced.
+
+        A layer is refreshed once the worker has finished its queued blocks (or after
+        ``REFRESH_MS`` of waiting for them), and at most once every ``REFRESH_MS``.
+        """
+        if self.session.closed:
+            self._timer.stop()
+            return
+        now = time.monotonic()
+        for name, view in list(self.views.items()):
+            if view.error is not None:
+                exc, view.error = view.error, None
+                notify_error(exc, f"drawing {name}")
+            if view.take_updated():
+                self._stale.setdefault(name, now)
+            since = self._stale.get(name)
+            if since is None:
+                continue
+            waited = (now - since) * 1e3 >= self.REFRESH_MS
+            if not waited and view.worker.pending_for(view):
+                continue
+            if (now - self._last_refresh.get(name, -1e9)) * 1e3 < self.REFRESH_MS:
+                continue
+            del self._stale[name]
+            layer = owned_layer(self.viewer, name)
+            if layer is not None:
+                self._last_refresh[name] = now
+                self.refreshes += 1
+                refresh_live_layer(layer)
 
     def _on_session_changed(self, what: str) -> None:
         if what == "model":
@@ -302,18 +458,10 @@ class GenesWidget(QWidget):
                 self._add_layer(self.session.predictor, layer.metadata["stmap"]["gene"])
 
     def _draw_colorbar(self) -> None:
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-
-        self.figure.clear()
         layer = self.current_layer()
         if layer is None:
-            self.canvas.draw_idle()
+            self.colorbar.clear_bar()
             return
-        ax = self.figure.add_subplot(111)
-        lo, hi = layer.contrast_limits
-        sm = ScalarMappable(norm=Normalize(lo, hi), cmap=napari_cmap(layer.colormap))
-        bar = self.figure.colorbar(sm, cax=ax, orientation="horizontal")
         mode = layer.metadata["stmap"]["mode"]
         gene = layer.metadata["stmap"]["gene"]
         if mode == "normalised":
@@ -321,6 +469,4 @@ class GenesWidget(QWidget):
         else:
             px = float(layer.scale[-1])
             unit = f"{gene}: expected counts per {px:.3g}×{px:.3g} µm pixel"
-        bar.set_label(unit, fontsize=8)
-        style_axes(ax)
-        self.canvas.draw_idle()
+        self.colorbar.set_bar(colormap_rgba(layer.colormap), layer.contrast_limits, unit)

@@ -1,7 +1,8 @@
 """Dock "Predict": device, predict what I see (follows the camera) or the whole slide.
 
 The network runs in the :class:`~napari_stmap.core.engine.Predictor`'s threads; this dock only
-schedules tiles (viewport first, centre out), shows tiles done / wanted and cancels.
+schedules tiles (viewport first, centre out), shows tiles done / wanted (in the dock and as a
+napari progress bar in the activity dock, whose Cancel button cancels too) and cancels.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def available_devices() -> list[str]:
     return [*out, "cpu"]
 
 
+def tile_progress(total: int, on_cancel):
+    """A napari progress bar of tiles with a Cancel button that calls ``on_cancel()``."""
+    from napari.utils import cancelable_progress
+
+    class _TileProgress(cancelable_progress):
+        def cancel(self) -> None:
+            super().cancel()
+            on_cancel()
+
+    return _TileProgress(total=max(int(total), 1), desc="stmap: predicting tiles")
+
+
 class PredictWidget(QWidget):
     """Device, viewport / whole-slide prediction, progress and cancel."""
 
@@ -48,6 +61,7 @@ class PredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
+        self.pbar = None  # napari progress bar while tiles are pending
         self._build()
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
@@ -160,6 +174,10 @@ class PredictWidget(QWidget):
         s.with_predictor(go, on_fail=lambda: self._set_running(False))
 
     def _on_cancel_clicked(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Drop the queued tiles (tiles already done are kept) and stop following the view."""
         self.session.cancel()
         self.follow_check.setChecked(False)
         self.status.setText("Cancelled; tiles already done are kept.")
@@ -172,13 +190,33 @@ class PredictWidget(QWidget):
         done, total = self.session.progress()
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
+        if self.pbar is not None:
+            if self.pbar.total != max(total, 1):
+                self.pbar.total = max(total, 1)
+            if done != self.pbar.n:
+                self.pbar.update(done - self.pbar.n)
 
     def _on_session_busy(self, busy: bool) -> None:
         self._set_running(busy)
+        if busy and self.pbar is None:
+            self.pbar = tile_progress(self.session.progress()[1], self._on_pbar_cancelled)
         self._update_progress()
+        if not busy:
+            self._close_pbar()
         if not busy and self.session.goal:
             done, total = self.session.progress()
-            self.status.setText(f"Done: {done} / {total} tiles (off-tissue tiles are skipped).")
+            if done < total:
+                self.status.setText(f"Stopped at {done} / {total} tiles; tiles done are kept.")
+            else:
+                self.status.setText(f"Done: {done} / {total} tiles (off-tissue tiles are skipped).")
+
+    def _on_pbar_cancelled(self) -> None:
+        QTimer.singleShot(0, self.cancel)  # from napari's activity dock (Qt thread)
+
+    def _close_pbar(self) -> None:
+        pbar, self.pbar = self.pbar, None
+        if pbar is not None:
+            pbar.close()
 
     def _on_session_changed(self, what: str) -> None:
         if what in ("slide", "model", "device"):

@@ -62,6 +62,7 @@ class SlideDataWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
+        self._adding_slide_layer = False
         self._build()
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -141,8 +142,8 @@ class SlideDataWidget(QWidget):
         if current in names:
             self.slide_combo.setCurrentText(current)
         self.slide_combo.blockSignals(False)
-        if self.session.slide is None and names:
-            self.use_slide_layer(names[0])
+        if self.session.slide is None and names and not self._adding_slide_layer:
+            self.use_slide_layer(names[0])  # a slide layer from napari's reader
 
     def _on_slide_combo_activated(self, index: int) -> None:
         self.use_slide_layer(self.slide_combo.itemText(index))
@@ -183,7 +184,13 @@ class SlideDataWidget(QWidget):
                     for ly in self._slide_layers()
                     if ly.metadata["stmap"]["path"] == str(slide.path)
                 ]
-                name = existing[0].name if existing else self.viewer.add_image(data, **kwargs).name
+                self._adding_slide_layer = True  # this slide is set below: do not open it twice
+                try:
+                    name = (
+                        existing[0].name if existing else self.viewer.add_image(data, **kwargs).name
+                    )
+                finally:
+                    self._adding_slide_layer = False
                 show_scale_bar(self.viewer)
             if slide.mpp_source == "fallback":
                 notify_warning(

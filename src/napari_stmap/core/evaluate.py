@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -509,6 +509,8 @@ def evaluate_measured(
     device: Any = "cpu",
     tile_px: int | None = None,
     batch_size: int = 4,
+    tta: bool = False,
+    predict: Callable[[Measured, dict[str, Units]], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on measured units at several scales.
 
@@ -526,8 +528,13 @@ def evaluate_measured(
         Synthetic sample root: also evaluate against its truth density (key ``"truth"``).
     top_k : int, optional
         Evaluate only the ``top_k`` model genes with the highest mean measured count.
-    device, tile_px, batch_size
-        Passed to :func:`~napari_stmap.core.predict_dense.predict_spots`.
+    device, tile_px, batch_size, tta
+        Passed to :func:`~napari_stmap.core.predict_dense.predict_spots` (``tta``: average
+        over the 8 turns and flips of every tile or crop).
+    predict : callable, optional
+        ``predict(measured, units) -> {key: (n, G_model + 1) counts}``: predictions of the
+        units to score instead of running the model (e.g. from the viewer's prediction store,
+        so the network does not run twice); ``model`` then only gives genes and metadata.
 
     Returns
     -------
@@ -545,8 +552,11 @@ def evaluate_measured(
     scales = [float(b) for b in (scales_um or _default_scales(meas))]
     units = {scale_key(b): meas.units(b) for b in scales}
     cols = [model.genes.index(g) for g in names] + [model.num_outputs - 1]
-    kw = {"device": device, "tile_px": tile_px, "batch_size": batch_size}
-    preds = _predict_units(model, slide, meas, units, **kw)
+    kw = {"device": device, "tile_px": tile_px, "batch_size": batch_size, "tta": tta}
+    if predict is not None:
+        preds = predict(meas, units)
+    else:
+        preds = _predict_units(model, slide, meas, units, **kw)
     factor = _test_factor(model, meas, units)
     result = _skeleton()
     for key, u in units.items():
@@ -554,7 +564,7 @@ def evaluate_measured(
         _fill(result, key, _score(pred, u.counts * factor, u.total * factor, names, top_k))
     if truth is not None:
         result["truth"] = _truth_block(truth, slide, meas, units, preds, cols, names, top_k, factor)
-    result["model"] = _model_info(model)
+    result["model"] = {**_model_info(model), "tta": bool(tta)}
     result["data"] = _data_info(measured, meas, units, factor, len(model.genes))
     return result
 

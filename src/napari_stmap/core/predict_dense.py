@@ -20,7 +20,15 @@ architecture: dense models sum their map over each footprint (exact fractional w
 :func:`~napari_stmap.core.geometry.weight_matrix`); spot models (``input_kind == "spot"``) see
 one crop per spot and their output is scaled by the ratio of the spot's area to the spot area
 the model was trained on (``model.metadata["training"]["spot_area_um2"]``), the only honest
-way a one-vector-per-crop model can answer for a footprint of another size.
+way a one-vector-per-crop model can answer for a footprint of another size. Bin models
+(``input_kind == "bins"``, MagNet) are scaled the same way; they see views around every
+centre and a graph of the nearest centres (:func:`~napari_stmap.core.model.magnet.predict_bins`).
+
+Test-time augmentation (``tta=True``): the embedding is averaged over the 8 turns and flips
+of the input, each turned back first (:func:`dihedral_embed`), then the pointwise head is
+applied. For a dense model every transform of a tile (with its halo) is an exact, aligned
+forward pass, so the averaged map is still seamless: it depends on the slide, not on the
+tiling. It costs 8 forward passes; the engine does not use it (its maps stay single-pass).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
     from napari_stmap.core.slide import Slide
 
 __all__ = [
+    "dihedral_embed",
     "model_px_per_level0",
     "predict_map",
     "predict_spots",
@@ -172,6 +181,7 @@ def predict_map(
     device: Any = "cpu",
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> tuple[np.ndarray, MapGrid]:
     """Dense expected counts over a region, tiled with the model's halo and stitched.
 
@@ -192,6 +202,8 @@ def predict_map(
         Tiles per forward pass.
     progress : callable, optional
         ``progress(done, total)`` after each batch.
+    tta : bool
+        Average the embedding over the 8 turns and flips of every tile (module notes).
 
     Returns
     -------
@@ -219,7 +231,7 @@ def predict_map(
         groups.setdefault(t[2:], []).append(t)
     batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     for done, batch in enumerate(batches, start=1):
-        maps = _forward_tiles(model, slide, batch, halo, device)
+        maps = _forward_tiles(model, slide, batch, halo, device, tta)
         for (ty, tx, th, tw), m in zip(batch, maps, strict=True):
             oy, ox = (ty - ry0) // s, (tx - rx0) // s
             out[:, oy : oy + th // s, ox : ox + tw // s] = m
@@ -228,8 +240,45 @@ def predict_map(
     return out, grid
 
 
+def dihedral_embed(model: Any, x: Any) -> Any:
+    """Mean of ``model.embed`` over the 8 turns and flips of ``x``, each turned back.
+
+    Parameters
+    ----------
+    model : StmapModel
+        Dense (embedding (B, D, h, w)) or spot model (embedding (B, D)).
+    x : torch.Tensor
+        (B, 3, H, W) model input (H and W multiples of ``align_px`` for dense models).
+
+    Returns
+    -------
+    torch.Tensor
+        The averaged embedding; ``model.head`` of it is the TTA prediction. A dense map
+        pixel covering input px ``[i·s, (i+1)·s)`` is turned back onto the same pixel, so the
+        result is exactly equivariant: ``dihedral_embed(turn(x)) == turn(dihedral_embed(x))``.
+    """
+    import torch
+
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            xt = torch.rot90(x, k, dims=(2, 3))
+            xt = torch.flip(xt, dims=(3,)) if flip else xt
+            e = model.embed(xt)
+            if e.ndim == 4:
+                e = torch.flip(e, dims=(3,)) if flip else e
+                e = torch.rot90(e, -k, dims=(2, 3))
+            total = e if total is None else total + e
+    return total / 8.0
+
+
 def _forward_tiles(
-    model: Any, slide: Slide, batch: list[tuple[int, int, int, int]], halo: int, device: Any
+    model: Any,
+    slide: Slide,
+    batch: list[tuple[int, int, int, int]],
+    halo: int,
+    device: Any,
+    tta: bool = False,
 ) -> np.ndarray:
     """Forward a batch of equal-size tiles with halo; returns their centres (B, C, th/s, tw/s)."""
     import torch
@@ -245,7 +294,8 @@ def _forward_tiles(
     model.eval()
     with torch.inference_mode():
         x = model.preprocess(images).to(device)
-        y = model(x)[:, :, hs : hs + th // s, hs : hs + tw // s]
+        y = model.head(dihedral_embed(model, x)) if tta else model(x)
+        y = y[:, :, hs : hs + th // s, hs : hs + tw // s]
     return y.float().cpu().numpy()
 
 
@@ -281,6 +331,7 @@ def predict_spots(
     batch_size: int = 4,
     chunk_px: int = DEFAULT_CHUNK_PX,
     progress: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Predicted expected counts of every spot, for any architecture.
 
@@ -299,6 +350,8 @@ def predict_spots(
         group's bounding box is predicted with :func:`predict_map` separately (bounded memory).
     progress : callable, optional
         ``progress(done, total)`` over chunks (dense) or batches (spot).
+    tta : bool
+        Average the embedding over the 8 turns and flips (of each tile or crop).
 
     Returns
     -------
@@ -312,14 +365,21 @@ def predict_spots(
         return np.zeros((0, model.num_outputs), dtype=np.float64)
     kind = getattr(model, "input_kind", "dense")
     if kind == "dense":
-        return _dense_spots(model, slide, fps, tile_px, device, batch_size, chunk_px, progress)
+        return _dense_spots(model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta)
     if kind == "spot":
-        return _crop_spots(model, slide, fps, device, batch_size, progress)
-    msg = f"model input_kind {kind!r} is not supported; expected 'dense' or 'spot'"
+        return _crop_spots(model, slide, fps, device, batch_size, progress, tta)
+    if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
+        from napari_stmap.core.model.magnet import predict_footprints
+
+        kw = {"device": device, "batch_size": batch_size, "progress": progress, "tta": tta}
+        return predict_footprints(model, slide, fps, **kw)
+    msg = f"model input_kind {kind!r} is not supported; expected 'dense', 'spot' or 'bins'"
     raise StmapInputError(msg)
 
 
-def _dense_spots(model, slide, fps, tile_px, device, batch_size, chunk_px, progress) -> np.ndarray:
+def _dense_spots(
+    model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta=False
+) -> np.ndarray:
     """Group footprints by centre into chunks, predict each chunk's bbox, aggregate."""
     from napari_stmap.core.aggregate import aggregate
 
@@ -334,7 +394,7 @@ def _dense_spots(model, slide, fps, tile_px, device, batch_size, chunk_px, progr
         idx = np.flatnonzero(group == k)
         bbox = (*boxes[idx, :2].min(axis=0), *boxes[idx, 2:].max(axis=0))
         chunk, grid = predict_map(
-            model, slide, bbox, tile_px=tile_px, device=device, batch_size=batch_size
+            model, slide, bbox, tile_px=tile_px, device=device, batch_size=batch_size, tta=tta
         )
         out[idx] = aggregate(chunk, grid, weight_matrix([fps[i] for i in idx], grid))
         if progress is not None:
@@ -356,7 +416,7 @@ def spot_area_ratio(model: Any, areas_um2: np.ndarray) -> np.ndarray:
     return areas / float(ref)
 
 
-def _crop_spots(model, slide, fps, device, batch_size, progress) -> np.ndarray:
+def _crop_spots(model, slide, fps, device, batch_size, progress, tta=False) -> np.ndarray:
     """One crop of ``model.crop_px`` model px per footprint centre; outputs area-scaled."""
     import torch
 
@@ -375,7 +435,9 @@ def _crop_spots(model, slide, fps, device, batch_size, progress) -> np.ndarray:
             [read_at_mpp(slide, tuple(o), (crop, crop), model.mpp) for o in origins[sel]]
         )
         with torch.inference_mode():
-            out[sel] = model(model.preprocess(images).to(device)).double().cpu().numpy()
+            x = model.preprocess(images).to(device)
+            y = model.head(dihedral_embed(model, x)) if tta else model(x)
+            out[sel] = y.double().cpu().numpy()
         if progress is not None:
             progress(b + 1, n_batches)
     return out * spot_area_ratio(model, areas)[:, None]

@@ -11,6 +11,21 @@ crop. Predicted and measured sums are normalised the same way, after summing::
 PCC_g is Pearson r of gene g across the spots of the batch (genes constant in the batch are left
 out). Defaults: ``w_mse=1``, ``w_pcc=0.5``, ``w_total=0.1``.
 
+With ``zscore`` the MSE term is taken on per-gene z-scores, ``(norm − μ_g) / σ_g`` with μ_g,
+σ_g the mean and std of gene g's normalised expression over the training spots
+(:func:`target_stats`, σ floored at 0.05; stored in the model metadata as
+``training.target_stats``): every gene then weighs the same, instead of the few genes with
+the largest spread dominating. The model still predicts counts; only the loss changes.
+
+Weight averaging (``ema_decay`` > 0): an exponential moving average of all weights and
+batch-norm statistics is updated after every step; validation, the saved model and the
+returned model use the average (the raw weights stay in the resumable state).
+
+Test-time augmentation is a prediction option, not a training one:
+``evaluate_measured(..., tta=True)`` / ``stmap evaluate --tta`` average the embedding over
+the 8 turns and flips of every tile or crop
+(:func:`~napari_stmap.core.predict_dense.dihedral_embed`).
+
 Data
 ----
 - Every slide is read at the model's µm/px from the nearest finer pyramid level
@@ -41,17 +56,26 @@ Defaults (2-core CPU, random init; see :func:`resolve_config`)
 ----------------------------------------------------------------
 - Spots ≥ 55 µm (Visium, legacy ST such as HER2ST's 100 µm spots at 200 µm pitch): model at
   **2.0 µm/px**, output stride 4 (8 µm map pixels), tiles of 256 px = 512 µm (about 4, at most
-  9, HER2ST spots per tile), encoder ``regnetx_002`` with a three-stage decoder (64, 32, 32
-  channels), batches of 8 tiles, 24 epochs: about 6–7 minutes for three HER2ST sections on
-  this project's 2-core CPU shared with another job. Why 2 µm/px: nuclei are still 3–5 px,
+  9, HER2ST spots per tile), encoder ``resnet10t`` with a three-stage decoder (64, 32, 32
+  channels), batches of 8 tiles, 24 epochs, peak learning rate 2e-3, z-scored MSE, EMA of the
+  weights (decay 0.98): about 15 minutes for three HER2ST sections on one free core of this
+  project's 2-core CPU (2.3 s per step; three times that while other jobs share it).
+  Why 2 µm/px: nuclei are still 3–5 px,
   enough to tell tumour, stroma, immune cells and fat apart (what a randomly initialised
   network can learn from ~550 spots), and a tile costs a quarter of the same area at
   1 µm/px, so the CPU budget buys four times more passes. Measured (train C3–C5, test C2,
   1 thread): 2 µm/px, 24 epochs: PCC@M 0.256 in 386 s; 1 µm/px with 512 px tiles, 8 epochs:
-  0.208 in 544 s; 2 µm/px, 8 epochs: 0.208 in 122 s. With a GPU and a pretrained encoder
-  use ``--mpp 1.0`` or 0.5.
+  0.208 in 544 s; 2 µm/px, 8 epochs: 0.208 in 122 s (all regnetx_002, lr 1e-3, no z-score,
+  no EMA). With resnet10t, lr 2e-3, z-score and EMA, 12 epochs: 0.270 (evaluated with TTA;
+  regnetx_002 with z-score + EMA, 24 epochs: 0.250); a wider decoder (128, 64, 64): 0.268.
+  The network underfits at this budget (PCC@M 0.32 on a training section against 0.39 for
+  SpotNet), so a stronger encoder and learning rate pay off more than decoder width.
+  ``benchmarks/her2st_loso.py`` holds the four-fold figures. With a GPU and a pretrained
+  encoder use ``--mpp 1.0`` or 0.5.
 - Visium HD bins: 0.5 µm/px, stride 4 (2 µm map pixels), tiles of 256 px, same encoder.
-- SpotNet: the same encoder and µm/px, crops of max(112 µm, 1.6 × the largest spot).
+- SpotNet: the same encoder and µm/px, crops of max(112 µm, 1.5 × the largest spot)
+  (150 µm for HER2ST), batches of 32 crops; same loss, learning rate and weight averaging
+  (fold C2: 0.276 with TTA, 0.268 without; with regnetx_002: 0.252).
 
 On a GPU use larger settings, e.g. ``--encoder resnet50 --mpp 1.0 --tile-px 512
 --batch-size 16 --epochs 30``, or a pathology foundation model (UNI: ``--encoder
@@ -72,6 +96,7 @@ best metric and configuration as JSON; never pickle) is written next to the mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -121,6 +146,7 @@ __all__ = [
     "save_state",
     "select_genes",
     "state_paths",
+    "target_stats",
     "train_model",
     "turn_image",
     "turn_points",
@@ -128,9 +154,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Encoder of the CPU defaults: RegNetX-200MF (2.7 M parameters, no global operations).
-CPU_ENCODER = "regnetx_002"
+#: Encoder of the CPU defaults: ResNet-10-T (4.9 M parameters, no global operations).
+CPU_ENCODER = "resnet10t"
 _LARGE_SPOT_UM = 55.0
+#: Default batch sizes: tiles per step of dense models, crops per step of spot models.
+DENSE_BATCH, SPOT_BATCH = 8, 32
 
 
 # --------------------------------------------------------------------------- configuration
@@ -148,8 +176,10 @@ class TrainConfig:
         ``"top:K"``, a gene-list file, or the genes themselves.
     bin_um : tuple of float, optional
         Visium HD training scales, µm (default 2, 8, 16 where present).
-    epochs, batch_size : int
-        Passes and tiles (or crops) per optimisation step.
+    epochs : int
+        Passes over the training spots.
+    batch_size : int, optional
+        Tiles (dense models, default 8) or crops (spot models, default 32) per step.
     mpp : float, optional
         µm/px of the model input (default 2.0 for spots ≥ 55 µm, else 0.5).
     tile_px, stride : int, optional
@@ -179,6 +209,14 @@ class TrainConfig:
         needs the same number).
     cache_mb : float
         Largest resampled slide region kept in memory per slide, MiB.
+    zscore : bool
+        MSE term on per-gene z-scores of the normalised expression (training-set mean and
+        std per gene, :func:`target_stats`) instead of on the normalised expression itself,
+        so every gene weighs the same in it.
+    ema_decay : float
+        Keep an exponential moving average of the weights (per step, decay
+        ``min(ema_decay, (1 + n) / (10 + n))`` after n updates); the saved and returned model
+        is the average. 0 turns it off.
     """
 
     arch: str = "pixnet"
@@ -188,8 +226,8 @@ class TrainConfig:
     mpp: float | None = None
     tile_px: int | None = None
     stride: int | None = None
-    batch_size: int = 8
-    lr: float = 1e-3
+    batch_size: int | None = None
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     mse_weight: float = 1.0
@@ -206,6 +244,8 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None
     num_threads: int | None = None
     cache_mb: float = 512.0
+    zscore: bool = True
+    ema_decay: float = 0.98
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists)."""
@@ -238,14 +278,22 @@ def resolve_config(cfg: TrainConfig, largest_spot_um: float, binned: bool) -> Tr
     mpp = cfg.mpp or (2.0 if large else 0.5)
     stride = cfg.stride or 4
     tile = cfg.tile_px or 256
-    crop = cfg.crop_um or max(112.0, 1.6 * largest_spot_um)
+    crop = cfg.crop_um or max(112.0, 1.5 * largest_spot_um)
+    batch = cfg.batch_size or (SPOT_BATCH if cfg.arch.startswith("spotnet") else DENSE_BATCH)
     if tile * mpp < largest_spot_um:
         msg = f"tiles of {tile} px at {mpp:g} µm/px are smaller than the {largest_spot_um:g} µm spots; raise --tile-px"
         raise StmapInputError(msg)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        msg = f"--epochs and --batch-size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})"
+    if cfg.epochs < 1 or batch < 1:
+        msg = f"--epochs and --batch-size must be >= 1 (got {cfg.epochs}, {batch})"
         raise StmapInputError(msg)
-    return replace(cfg, mpp=float(mpp), stride=int(stride), tile_px=int(tile), crop_um=float(crop))
+    return replace(
+        cfg,
+        mpp=float(mpp),
+        stride=int(stride),
+        tile_px=int(tile),
+        crop_um=float(crop),
+        batch_size=int(batch),
+    )
 
 
 # ------------------------------------------------------------------------------------ data
@@ -592,12 +640,19 @@ def augment_tile(
 
 # --------------------------------------------------------------------------------- batches
 def plan_epoch(
-    slides: Sequence[TrainSlide], cfg: TrainConfig, rng: np.random.Generator, *, dense: bool
+    slides: Sequence[TrainSlide],
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    *,
+    dense: bool,
+    group_bins: int | None = None,
 ) -> list[list[tuple[int, int]]]:
     """Batches of (slide index, anchor unit index) for one epoch.
 
     Dense models: per slide ``ceil(n · pitch² / (tile − spot)²)`` tiles, i.e. about enough to
-    cover its spots once. Spot models: every anchor unit once. Shuffled, cut into batches,
+    cover its spots once. Spot models: every anchor unit once. Bin models (MagNet, with
+    ``group_bins``): ``ceil(n / group_bins)`` anchors, each the centre of a group of
+    ``group_bins`` neighbouring bins (:mod:`.train_magnet`). Shuffled, cut into batches,
     truncated to ``cfg.max_batches_per_epoch``.
     """
     items = []
@@ -607,6 +662,8 @@ def plan_epoch(
         if dense:
             usable = max(cfg.tile_px - a.size, 1.0) ** 2
             n = max(1, math.ceil(a.n * (a.pitch_um / cfg.mpp) ** 2 / usable))
+        elif group_bins:
+            n = max(1, math.ceil(a.n / group_bins))
         idx = rng.permutation(a.n)[:n] if n <= a.n else rng.integers(0, a.n, n)
         items += [(s, int(i)) for i in idx]
     order = rng.permutation(len(items))
@@ -706,6 +763,7 @@ def expression_loss(
     mse_weight: float = 1.0,
     pcc_weight: float = 0.5,
     total_weight: float = 0.1,
+    gene_std: Any = None,
     eps: float = 1e-6,
 ) -> tuple[Any, dict[str, float]]:
     """Loss on normalised spot sums (see the module notes).
@@ -715,6 +773,9 @@ def expression_loss(
     pred, meas : torch.Tensor
         (N, G + 1) predicted and measured counts per spot, total last. Measured totals must
         be > 0.
+    gene_std : torch.Tensor, optional
+        (G,) per-gene std of the normalised training expression: the MSE term is then taken
+        on z-scores, ``mean(((norm_pred − μ) / σ − (norm_meas − μ) / σ)²)`` (μ cancels).
 
     Returns
     -------
@@ -727,7 +788,8 @@ def expression_loss(
     mg, mt = meas[:, :-1], meas[:, -1:]
     pn = torch.log1p(1e4 * pg / (pt + eps))
     mn = torch.log1p(1e4 * mg / mt.clamp_min(eps))
-    mse = torch.mean((pn - mn) ** 2)
+    diff = pn - mn if gene_std is None else (pn - mn) / gene_std
+    mse = torch.mean(diff**2)
     r = _pearson_columns(pn, mn, eps)
     tot = torch.mean((torch.log1p(pt) - torch.log1p(mt)) ** 2)
     loss = mse_weight * mse + pcc_weight * (1 - r) + total_weight * tot
@@ -736,6 +798,21 @@ def expression_loss(
         "pcc": float(r.detach()),
         "total": float(tot.detach()),
     }
+
+
+def target_stats(slides: Sequence[TrainSlide], floor: float = 0.05) -> dict[str, list[float]]:
+    """Per-gene mean and std of ``log1p(1e4 · gene / total)`` over the anchor units.
+
+    The std is floored at ``floor`` (nearly constant genes would otherwise dominate a
+    z-scored loss). Returns ``{"mean": [G], "std": [G]}`` (JSON-safe, for the metadata).
+    """
+    rows = []
+    for ts in slides:
+        a = ts.anchor
+        x = sp.diags(1e4 / np.maximum(a.total, 1e-12).astype(np.float64)) @ a.counts
+        rows.append(np.log1p(np.asarray(sp.csr_matrix(x).todense(), dtype=np.float64)))
+    x = np.concatenate(rows)
+    return {"mean": x.mean(axis=0).tolist(), "std": np.maximum(x.std(axis=0), floor).tolist()}
 
 
 def _pearson_columns(p: Any, t: Any, eps: float) -> Any:
@@ -755,20 +832,20 @@ def _pearson_columns(p: Any, t: Any, eps: float) -> Any:
 
 # ------------------------------------------------------------------------------------ model
 def _model_kwargs(cfg: TrainConfig, prior: np.ndarray, ref_area_um2: float) -> dict[str, Any]:
-    """create_model keyword arguments for the run (CPU-sized defaults when no encoder given).
+    """create_model keyword arguments for the run (CPU-sized defaults with the CPU encoder).
 
     ``prior`` is the mean depth-scaled counts per µm² of each output channel: PixNet's head
     starts at ``prior × pixel area``, SpotNet's at ``prior × ref_area_um2``.
     """
     kw: dict[str, Any] = {"mpp": cfg.mpp}
-    if cfg.arch == "pixnet" and cfg.encoder is None:
+    if cfg.arch == "pixnet" and cfg.encoder in (None, CPU_ENCODER):
         levels = int(round(math.log2(32 / cfg.stride)))
         kw.update(
             encoder=CPU_ENCODER,
             decoder_channels=[64, 32, 32][:levels],
             attn_windows=[5, 3, 3][:levels],
         )
-    elif cfg.arch == "spotnet" and cfg.encoder is None:
+    elif cfg.arch in ("spotnet", "magnet") and cfg.encoder is None:
         kw["encoder"] = CPU_ENCODER
     if cfg.encoder is not None:
         kw["encoder"] = cfg.encoder
@@ -779,6 +856,10 @@ def _model_kwargs(cfg: TrainConfig, prior: np.ndarray, ref_area_um2: float) -> d
         kw.update(stride=cfg.stride, init_counts_per_px=(prior * px_um2).tolist())
     elif cfg.arch.startswith("spotnet"):
         kw.update(crop_um=cfg.crop_um, init_counts_per_spot=(prior * ref_area_um2).tolist())
+    elif cfg.arch.startswith("magnet"):  # views and head prior: core/train_magnet.py
+        from napari_stmap.core.train_magnet import magnet_kwargs
+
+        kw.update(magnet_kwargs(cfg, prior, ref_area_um2))
     return {**kw, **cfg.model_config}
 
 
@@ -808,8 +889,8 @@ def build_model(cfg: TrainConfig, genes: Sequence[str], slides: Sequence[TrainSl
     torch.manual_seed(cfg.seed)
     kw = _model_kwargs(cfg, prior_density(slides), reference_area(slides))
     model = create_model(cfg.arch, genes=list(genes), **kw)
-    if model.input_kind not in ("dense", "spot"):
-        msg = f"architecture {cfg.arch!r} has input_kind {model.input_kind!r}; training supports 'dense' and 'spot'"
+    if model.input_kind not in ("dense", "spot", "bins"):
+        msg = f"architecture {cfg.arch!r} has input_kind {model.input_kind!r}; training supports 'dense', 'spot' and 'bins'"
         raise StmapInputError(msg)
     return model.to(cfg.device).to(memory_format=torch.channels_last)
 
@@ -822,12 +903,20 @@ def state_paths(out: str | Path) -> tuple[Path, Path]:
     return out.with_name(stem + ".state.safetensors"), out.with_name(stem + ".state.json")
 
 
-def save_state(out: str | Path, model: Any, optimizer: Any, info: dict[str, Any]) -> None:
-    """Write model + optimizer tensors (safetensors) and ``info`` (JSON); atomically."""
+def save_state(
+    out: str | Path,
+    model: Any,
+    optimizer: Any,
+    info: dict[str, Any],
+    *,
+    ema: dict[str, Any] | None = None,
+) -> None:
+    """Write model + optimizer (+ averaged weights) tensors (safetensors) and ``info`` (JSON); atomically."""
     import torch
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema or {}).items()})
     opt = optimizer.state_dict()
     scalars = {}
     for pid, st in opt["state"].items():
@@ -857,8 +946,11 @@ def read_state_info(out: str | Path) -> dict[str, Any]:
         raise StmapInputError(msg) from exc
 
 
-def load_state(out: str | Path, model: Any, optimizer: Any, info: dict[str, Any]) -> None:
-    """Load model and optimizer tensors saved by :func:`save_state` (never unpickles)."""
+def load_state(out: str | Path, model: Any, optimizer: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Load model and optimizer tensors saved by :func:`save_state` (never unpickles).
+
+    Returns the averaged weights saved with them (``{}`` when there were none).
+    """
     from safetensors.torch import load_file
 
     tensors = load_file(str(state_paths(out)[0]))
@@ -876,6 +968,7 @@ def load_state(out: str | Path, model: Any, optimizer: Any, info: dict[str, Any]
         for g in info["optimizer"]["param_groups"]
     ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -959,6 +1052,29 @@ def _lr(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.lr * warm * (0.05 + 0.95 * cos)
 
 
+def _ema_init(model: Any) -> dict[str, Any]:
+    """A copy of the model's state (parameters and buffers) to average into."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ema_update(ema: dict[str, Any], model: Any, decay: float, n: int) -> int:
+    """``ema ← d · ema + (1 − d) · current``, ``d = min(decay, (1 + n) / (10 + n))``.
+
+    Floating-point entries are averaged; integer buffers (batch-norm counters) are copied.
+    Returns ``n + 1``.
+    """
+    import torch
+
+    d = min(float(decay), (1.0 + n) / (10.0 + n))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:
+                ema[k].copy_(v)
+    return n + 1
+
+
 class _Trainer:
     """State of one run: data, model, optimizer, validation, bookkeeping."""
 
@@ -977,6 +1093,8 @@ class _Trainer:
         self.ref_area = reference_area(self.slides)
         self.model = self._model(saved)
         self.dense = self.model.input_kind == "dense"
+        bins = self.model.input_kind == "bins"  # MagNet: groups of neighbouring bins
+        self.group_bins = int(self.model.config["group_bins"]) if bins else None
         if self.dense and self.cfg.tile_px % max(self.model.align_px, self.model.stride):
             step = max(self.model.align_px, self.model.stride)
             msg = f"--tile-px {self.cfg.tile_px} must be a multiple of {step} px for this model (e.g. {step * max(1, round(self.cfg.tile_px / step))})"
@@ -987,11 +1105,27 @@ class _Trainer:
         self.history: list[dict[str, Any]] = saved["history"] if saved else []
         self.best = (saved["best_epoch"], saved["best_metric"]) if saved else (None, None)
         self.epoch = int(saved["epoch"]) if saved else 0
+        self.ema = _ema_init(self.model) if self.cfg.ema_decay > 0 else None
+        self.ema_updates = int(saved.get("ema_updates", 0)) if saved else 0
         if saved is not None:
-            load_state(out, self.model, self.optimizer, saved)
+            ema = load_state(out, self.model, self.optimizer, saved)
+            if self.ema is not None and ema:
+                self.ema = {k: ema[k].to(v.device) for k, v in self.ema.items()}
+        self.stats = target_stats(self.slides)
+        self.gene_std = (
+            torch.tensor(self.stats["std"], dtype=torch.float32, device=self.cfg.device)
+            if self.cfg.zscore
+            else None
+        )
         self.scales = sorted({t.bin_um for ts in self.slides for t in ts.tables.values()})
         self.steps_per_epoch = len(
-            plan_epoch(self.slides, self.cfg, np.random.default_rng(0), dense=self.dense)
+            plan_epoch(
+                self.slides,
+                self.cfg,
+                np.random.default_rng(0),
+                dense=self.dense,
+                group_bins=self.group_bins,
+            )
         )
         self.val = self._load_val(val)
         self.model.metadata = self.metadata()
@@ -1058,6 +1192,10 @@ class _Trainer:
             "bin_um": self.scales,
             "spot_area_um2": self.ref_area,
             "tile_px": self.cfg.tile_px,
+            "target_stats": self.stats if self.cfg.zscore else None,
+            "weights": f"EMA, decay {self.cfg.ema_decay:g}"
+            if self.ema is not None
+            else "last step",
             "epochs": self.epoch,
             "seed": self.cfg.seed,
             "config": self.cfg.to_json(),
@@ -1084,6 +1222,7 @@ class _Trainer:
             "history": self.history,
             "best_epoch": self.best[0],
             "best_metric": self.best[1],
+            "ema_updates": self.ema_updates,
         }
 
     def step(
@@ -1096,6 +1235,7 @@ class _Trainer:
 
         cfg, model, device = self.cfg, self.model, self.cfg.device
         model.train()
+        aux = None  # extra loss terms of an architecture (MagNet's cross-level consistency)
         if self.dense:
             images, weights, targets = make_tile_batch(
                 self.slides, batch, bin_um, cfg, model.stride, rng
@@ -1103,6 +1243,10 @@ class _Trainer:
             if targets.shape[0] == 0:
                 return None
             pred = aggregate_torch(model(model.preprocess(images).to(device)), weights.to(device))
+        elif self.group_bins:  # MagNet: core/train_magnet.py
+            from napari_stmap.core.train_magnet import magnet_forward
+
+            pred, targets, aux = magnet_forward(self, batch, bin_um, rng)
         else:
             images, targets = make_spot_batch(
                 self.slides, batch, bin_um, cfg, model.crop_px, self.ref_area, rng
@@ -1114,11 +1258,16 @@ class _Trainer:
             mse_weight=cfg.mse_weight,
             pcc_weight=cfg.pcc_weight,
             total_weight=cfg.total_weight,
+            gene_std=self.gene_std,
         )
+        if aux is not None:
+            loss, parts = aux(loss, parts, torch.from_numpy(targets).to(device), self.gene_std)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema_updates = _ema_update(self.ema, model, cfg.ema_decay, self.ema_updates)
         return {"loss": float(loss.detach()), **parts, "spots": int(targets.shape[0])}
 
     def run_epoch(self) -> dict[str, Any]:
@@ -1128,7 +1277,9 @@ class _Trainer:
         t0, epoch = time.perf_counter(), self.epoch
         rng = np.random.default_rng([self.cfg.seed, epoch])
         torch.manual_seed(self.cfg.seed * 100_003 + epoch)
-        batches = plan_epoch(self.slides, self.cfg, rng, dense=self.dense)
+        batches = plan_epoch(
+            self.slides, self.cfg, rng, dense=self.dense, group_bins=self.group_bins
+        )
         total = self.cfg.epochs * self.steps_per_epoch
         parts: list[dict[str, float]] = []
         for i, batch in enumerate(batches):
@@ -1157,14 +1308,15 @@ class _Trainer:
     def validate(self) -> dict[str, Any]:
         """PCC@F/S/M (normalised) on the validation section at its measured scale."""
         v = self.val
-        res = evaluate_measured(
-            self.model,
-            v["slide"],
-            v["measured"],
-            [v["scale"]],
-            device=self.cfg.device,
-            tile_px=1024,
-        )
+        with self.averaged():
+            res = evaluate_measured(
+                self.model,
+                v["slide"],
+                v["measured"],
+                [v["scale"]],
+                device=self.cfg.device,
+                tile_px=1024,
+            )
         m = res["scales"][scale_key(v["scale"])]
         return {f"val_{k}": m[k] for k in ("pcc_f", "pcc_s", "pcc_m")}
 
@@ -1184,8 +1336,27 @@ class _Trainer:
             self.best = (self.epoch, score)
         self.model.metadata = self.metadata()
         if better:
-            save_model(self.model, self.out, metadata=self.model.metadata)
-        save_state(self.out, self.model, self.optimizer, self.state_info())
+            with self.averaged():
+                save_model(self.model, self.out, metadata=self.model.metadata)
+        save_state(self.out, self.model, self.optimizer, self.state_info(), ema=self.ema)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Within the block the model holds the averaged weights (if any), then its own."""
+        if self.ema is None:
+            yield self.model
+            return
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(raw)
+
+    def use_averaged(self) -> None:
+        """Keep the averaged weights in the model for good (end of training)."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema)
 
 
 def train_model(
@@ -1248,6 +1419,7 @@ def train_model(
         logger.info("epoch %d/%d: %s", record["epoch"], trainer.cfg.epochs, record)
         if on_epoch_end is not None:
             on_epoch_end(record)
+    trainer.use_averaged()
     best_epoch, best_metric = trainer.best
     return TrainResult(
         trainer.model, out, trainer.history, best_epoch, best_metric, trainer.cfg, trainer.genes

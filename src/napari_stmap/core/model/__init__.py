@@ -7,7 +7,8 @@ Public API (imported lazily, so ``read_model_metadata`` needs neither torch nor 
     read_model_metadata(path) -> dict
 
 Architectures: ``pixnet`` (dense maps, :mod:`.pixnet`), ``spotnet`` (spot-crop baseline,
-:mod:`.spotnet`), plus the test presets ``pixnet_tiny`` / ``spotnet_tiny``. timm is always
+:mod:`.spotnet`), ``magnet`` (multi-magnification bins + neighbour graph, :mod:`.magnet`), plus
+the test presets ``pixnet_tiny`` / ``spotnet_tiny`` / ``magnet_tiny``. timm is always
 imported through :func:`._torchvision_compat.import_timm`.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "FORMAT_VERSION",
+    "MagNet",
     "PixNet",
     "SpotNet",
     "StmapModel",
@@ -38,6 +40,7 @@ _LAZY = {
     "create_model": "registry",
     "list_models": "registry",
     "register_model": "registry",
+    "MagNet": "magnet",
     "PixNet": "pixnet",
     "SpotNet": "spotnet",
 }

@@ -29,7 +29,11 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _MODEL_BUILDERS: dict[str, Callable[..., StmapModel]] = {}
-_BUILTIN_MODULES = ("napari_stmap.core.model.pixnet", "napari_stmap.core.model.spotnet")
+_BUILTIN_MODULES = (
+    "napari_stmap.core.model.pixnet",
+    "napari_stmap.core.model.spotnet",
+    "napari_stmap.core.model.magnet",
+)
 
 #: Name of the extra output channel holding all transcripts together (the library size).
 TOTAL_CHANNEL = "total"
