@@ -129,7 +129,12 @@ def her2st_model(shared: Path, given: Path | None) -> Path | None:
     """A model trained on HER2ST sections other than C2 (``--her2st-model`` first)."""
     candidates = [given] if given else []
     candidates += [
-        REPO.parent / "bench_her2st" / "C2" / "pixnet.safetensors",  # benchmarks/her2st_loso.py
+        # benchmarks/her2st_loso.py --folds C2 --out ../bench_her2st…: trained on C3–C5
+        *sorted(
+            REPO.parent.glob("bench_her2st*/test_C2/pixnet.safetensors"),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,  # the newest finished run
+        ),
         *sorted((shared / "models").glob("her2st*.safetensors")),
     ]
     return next((p for p in candidates if p is not None and Path(p).is_file()), None)
@@ -139,7 +144,8 @@ def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> N
     """HER2ST C2 in every dock, with a PixNet trained on C3–C5 (C2 never seen in training).
 
     The model comes from ``--her2st-model`` or the leave-one-section-out benchmark's fold C2
-    (``benchmarks/her2st_loso.py --folds C2 --out ../bench_her2st``).
+    (``benchmarks/her2st_loso.py --folds C2 --out ../bench_her2st``, file
+    ``test_C2/pixnet.safetensors``).
     """
     import numpy as np
 

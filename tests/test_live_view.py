@@ -159,3 +159,41 @@ def test_a_failing_block_is_reported_and_close_joins(predictor, small_sample, mo
     assert w.pending == 0
     w.close()
     assert not any(t.name == "stmap-views-boom" for t in threading.enumerate())
+
+
+def test_display_mask_hides_glass_and_keeps_tissue(predictor, worker, small_sample):
+    """With a tissue mask, pixels whose centre is off tissue are NaN, the rest unchanged."""
+    from napari_stmap.core.engine import LiveGeneView, gene_view, view_grid
+    from napari_stmap.core.tiling import TissueMask
+
+    h, w = predictor.slide.shape_yx
+    mask = np.zeros((h // 10, w // 10), dtype=bool)  # mask px = 10 level-0 px
+    mask[: mask.shape[0] // 2, : mask.shape[1] // 3] = True  # tissue: top-left block
+    tissue = TissueMask(mask=mask, px_yx=(h / mask.shape[0], w / mask.shape[1]))
+    gene = small_sample.genes[0]
+    for level in (0, 1):
+        view = LiveGeneView(predictor, gene, worker=worker, min_px=16, mask=tissue)
+        got = _settled(view, worker, level)
+        want = np.asarray(gene_view(predictor, gene, level=level))
+        grid = view_grid(predictor.store, level)
+        cy = grid.origin_yx[0] + (np.arange(got.shape[0]) + 0.5) * grid.pixel_px
+        cx = grid.origin_yx[1] + (np.arange(got.shape[1]) + 0.5) * grid.pixel_px
+        on = (cy[:, None] < tissue.px_yx[0] * mask.shape[0] // 2) & (
+            cx[None, :] < tissue.px_yx[1] * (mask.shape[1] // 3)
+        )
+        on &= (cy[:, None] >= 0) & (cx[None, :] >= 0)
+        np.testing.assert_allclose(got[on], want[on], rtol=1e-6, equal_nan=True)
+        assert np.isnan(got[~on]).all()
+        assert np.isfinite(got[on]).any()
+
+
+def test_predictor_display_mask_follows_the_tissue_option(small_sample, tmp_path):
+    from napari_stmap.core.engine import Predictor
+    from napari_stmap.core.model import create_model
+
+    model = create_model("pixnet_tiny", genes=list(small_sample.genes[:3]))
+    with Predictor(small_sample.slide, model, tmp_path / "a.zarr", tissue=False) as pred:
+        assert pred.display_mask() is None
+    with Predictor(small_sample.slide, model, tmp_path / "b.zarr") as pred:
+        m = pred.display_mask()
+        assert m is pred.display_mask() and m.mask.dtype == bool and 0 < m.fraction <= 1

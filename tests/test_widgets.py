@@ -154,7 +154,9 @@ def test_load_predict_gene_regions_export_compare(
     grid = view_grid(pred.store)
     np.testing.assert_allclose(layer.scale, [grid.pixel_px * 0.5] * 2)
     np.testing.assert_allclose(layer.translate, np.array(grid.translate_yx) * 0.5)
-    assert layer.multiscale and np.isfinite(np.asarray(layer.data[0])).any()
+    assert layer.multiscale
+    # blocks are computed off the Qt thread; on tissue they fill in
+    qtbot.waitUntil(lambda: np.isfinite(np.asarray(layer.data[0])).any(), timeout=TIMEOUT_MS)
 
     # a drawn rectangle (level-0 px) -> table equals the core aggregation
     regions = docks["regions"]
@@ -325,9 +327,14 @@ def test_heatmaps_are_computed_off_the_qt_thread_without_the_network(
     genes.add_gene(g1)
     qtbot.waitUntil(lambda: _shown(docks, g1), timeout=TIMEOUT_MS)
     layer = viewer.layers[f"stmap: {g1}"]
-    want = np.asarray(engine.gene_pyramid(session.predictor, g1)[-1])
+    full = np.asarray(engine.gene_pyramid(session.predictor, g1)[-1])
+    with engine.ViewWorker(name="stmap-views-expected") as w:  # the same, glass hidden
+        mask = session.predictor.display_mask()
+        want = engine.LiveGeneView(session.predictor, g1, worker=w, mask=mask).level_data(-1)
     np.testing.assert_allclose(np.asarray(layer.data[-1]), want, rtol=1e-6, equal_nan=True)
     assert np.isfinite(want).any()
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(want[ok], full[ok], rtol=1e-6)  # masking only hides
     assert layer.thumbnail[..., :3].max() > 0  # all NaN (not yet computed) would be black
 
     # the selected heatmap shows another gene: same layer, renamed, in place
@@ -336,7 +343,8 @@ def test_heatmaps_are_computed_off_the_qt_thread_without_the_network(
     assert viewer.layers[f"stmap: {g2}"] is layer and f"stmap: {g1}" not in viewer.layers
     assert layer.metadata["stmap"]["gene"] == g2
     assert [it.text() for it in genes.layer_list.findItems("stmap", Qt.MatchFlag.MatchContains)]
-    want = np.asarray(engine.gene_pyramid(session.predictor, g2)[-1])
+    with engine.ViewWorker(name="stmap-views-expected") as w:
+        want = engine.LiveGeneView(session.predictor, g2, worker=w, mask=mask).level_data(-1)
     np.testing.assert_allclose(np.asarray(layer.data[-1]), want, rtol=1e-6, equal_nan=True)
     assert on_qt_thread and not any(on_qt_thread), "a heatmap block was computed on the Qt thread"
     assert not embedded, "switching genes ran the network"

@@ -190,11 +190,18 @@ class Session(QObject):
         Tiles ``(i, j)`` stored since the last poll (Qt thread, at most every 100 ms).
     busy(bool)
         Whether a prediction is running (tiles queued or in flight).
+    bins_changed()
+        A bin model's prediction (:attr:`bins`) was replaced or extended.
+
+    Bin models (``input_kind == "bins"``, MagNet) have no predictor and no store: the model is
+    loaded in a worker (:meth:`with_bin_model`) and the docks keep its latest prediction, a
+    :class:`~napari_stmap.core.bins.BinPrediction`, in :attr:`bins`.
     """
 
     changed = Signal(str)
     tiles_done = Signal(object)
     busy = Signal(bool)
+    bins_changed = Signal()
 
     POLL_MS = 100
 
@@ -212,6 +219,10 @@ class Session(QObject):
         self.store_root: Path | None = None
         self.closed = False
         self.goal: list[tuple[int, int]] = []
+        self.bin_model = None
+        self.bins = None  # BinPrediction of a bin model
+        self._bin_model_key = None
+        self._bin_model_waiting: list[tuple[Callable[[Any], None], Callable[[], None] | None]] = []
         self._busy = False
         self._workers: set = set()
         self._predictor_worker = None
@@ -242,6 +253,11 @@ class Session(QObject):
         return ("um", "um") if known else ("pixel", "pixel")
 
     @property
+    def is_bins(self) -> bool:
+        """Whether the model is a bin model (MagNet: values at bin centres, no dense map)."""
+        return self.model_meta.get("input_kind") == "bins"
+
+    @property
     def model_genes(self) -> list[str]:
         """Genes the model predicts (empty without a model)."""
         return list(self.model_meta.get("genes", []))
@@ -251,6 +267,7 @@ class Session(QObject):
         """Use ``slide`` (a :class:`~napari_stmap.core.slide.Slide`); drops the predictor."""
         self.slide, self.slide_layer_name = slide, layer_name
         self.drop_predictor()
+        self.set_bins(None)
         self.changed.emit("slide")
 
     def set_spots(self, spots, path: str | Path | None) -> None:
@@ -263,6 +280,8 @@ class Session(QObject):
         """Use the model file ``path`` (metadata already read); drops the predictor."""
         self.model_path, self.model_meta = Path(path), dict(meta)
         self.drop_predictor()
+        self.bin_model = None
+        self.set_bins(None)
         self.changed.emit("model")
 
     def set_device(self, device: str) -> None:
@@ -270,6 +289,7 @@ class Session(QObject):
         if device != self.device:
             self.device = device
             self.drop_predictor()
+            self.bin_model = None
             self.changed.emit("device")
 
     # --- layers ----------------------------------------------------------------------------
@@ -344,6 +364,63 @@ class Session(QObject):
         worker.start()
         return worker
 
+    # --- bin models ------------------------------------------------------------------------
+    def set_bins(self, prediction, *, merge: bool = False) -> None:
+        """Keep ``prediction`` (a BinPrediction, or None); ``merge``: add it to the one kept."""
+        if merge and prediction is not None and self.bins is not None:
+            prediction = self.bins.merged(prediction)
+        if prediction is None and self.bins is None:
+            return
+        self.bins = prediction
+        self.bins_changed.emit()
+
+    def with_bin_model(
+        self, then: Callable[[Any], None], on_fail: Callable[[], None] | None = None
+    ) -> None:
+        """Call ``then(model)`` on the Qt thread with the bin model, loading it in a worker first."""
+        key = (self.model_path, self.device)
+        if self.bin_model is not None and self._bin_model_key == key:
+            then(self.bin_model)
+            return
+        if not self._inputs_ready():
+            if on_fail is not None:
+                on_fail()
+            return
+        self._bin_model_waiting.append((then, on_fail))
+        if len(self._bin_model_waiting) > 1:
+            return  # already loading
+
+        def load():
+            import torch
+
+            from napari_stmap.core.model import load_model
+
+            torch.set_num_threads(gui_threads())
+            return load_model(key[0], device=key[1])
+
+        def done(model) -> None:
+            if (self.model_path, self.device) != key:
+                failed(RuntimeError("the model or device changed while loading; try again"))
+                return
+            self.bin_model, self._bin_model_key = model, key
+            waiting, self._bin_model_waiting = self._bin_model_waiting, []
+            for fn, _ in waiting:
+                fn(model)
+
+        def failed(exc: BaseException) -> None:
+            waiting, self._bin_model_waiting = self._bin_model_waiting, []
+            for _, fail in waiting:
+                if fail is not None:
+                    fail()
+
+        self.run(
+            load,
+            on_done=done,
+            on_error=failed,
+            what="loading the model",
+            progress={"total": 0, "desc": "stmap: loading model"},
+        )
+
     # --- predictor -------------------------------------------------------------------------
     def store_path(self) -> Path:
         """Prediction store of this slide and model (reused across sessions)."""
@@ -370,6 +447,15 @@ class Session(QObject):
         if self.predictor is not None:
             then(self.predictor)
             return
+        if self.is_bins:
+            notify_error(
+                f"{self.model_path.name} is a bin model ({self.model_meta.get('arch')}); this needs "
+                "a dense model such as pixnet",
+                "predict",
+            )
+            if on_fail is not None:
+                on_fail()
+            return
         if not self._inputs_ready():
             if on_fail is not None:
                 on_fail()
@@ -395,7 +481,7 @@ class Session(QObject):
         def build():
             from napari_stmap.core.engine import Predictor
 
-            return Predictor(
+            pred = Predictor(
                 slide,
                 model_path,
                 self.store_path(),  # hashes the model file: not on the Qt thread
@@ -403,6 +489,8 @@ class Session(QObject):
                 done_queue=self.done_queue,
                 num_threads=gui_threads(),
             )
+            pred.display_mask()  # heatmaps hide glass; reads a thumbnail: not on the Qt thread
+            return pred
 
         def done(pred) -> None:
             stale = slide is not self.slide or model_path != self.model_path

@@ -7,6 +7,9 @@ and the table, the scatter plot and the ``stmap: measured GENE`` / ``stmap: resi
 layers all use the same predicted values (the additive rule over the same base bins). The
 command line predicts with :func:`~napari_stmap.core.predict_dense.predict_spots` instead;
 both tile the same seamless map, so the numbers agree up to the store's float16 embeddings.
+
+A bin model (MagNet) has no store: :func:`run_compare_bins` predicts once at the measured
+units' centres, exactly as ``stmap evaluate`` does (the same numbers).
 """
 
 from __future__ import annotations
@@ -104,7 +107,41 @@ def run_compare(pred, model_path, slide, spots_path, scales_um) -> CompareResult
         seen["preds"] = _store_predictions(pred, meas, units)
         return seen["preds"]
 
-    result = evaluate_measured(model, slide, measured, scales_um, predict=predict)
+    return _compare_result(
+        evaluate_measured(model, slide, measured, scales_um, predict=predict),
+        model,
+        model_path,
+        seen,
+    )
+
+
+def run_compare_bins(model, model_path, slide, spots_path, scales_um, device="cpu"):
+    """Worker: ``stmap evaluate``'s metrics for a bin model (predicted at the units' centres).
+
+    The same predictions as the command line (:func:`~napari_stmap.core.evaluate.evaluate_measured`
+    without ``predict``), kept for the plot and the layers.
+    """
+    from napari_stmap.core.evaluate import _predict_units, evaluate_measured, load_measured
+
+    measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
+    seen: dict = {}
+
+    def predict(meas, units: dict) -> dict:
+        seen["meas"], seen["units"] = meas, units
+        seen["preds"] = _predict_units(
+            model, slide, meas, units, device=device, tile_px=None, batch_size=4, tta=False
+        )
+        return seen["preds"]
+
+    return _compare_result(
+        evaluate_measured(model, slide, measured, scales_um, predict=predict),
+        model,
+        model_path,
+        seen,
+    )
+
+
+def _compare_result(result: dict, model, model_path, seen: dict) -> CompareResult:
     result["model"]["path"] = str(model_path)
     meas, units = seen["meas"], seen["units"]
     names = list(meas.genes)
@@ -254,6 +291,26 @@ class CompareWidget(QWidget):
             notify_error("tick at least one bin size", "compare")
             return None
         self.run_btn.setEnabled(False)
+        if s.is_bins:
+            self.summary.setText("predicting at the measured bins and comparing…")
+
+            def go_bins(model) -> None:
+                self._worker = s.run(
+                    run_compare_bins,
+                    model,
+                    s.model_path,
+                    s.slide,
+                    s.spots_path,
+                    scales,
+                    s.device,
+                    on_done=self._on_compare_done,
+                    on_finally=self._on_worker_finished,
+                    what="compare",
+                    progress={"total": 0, "desc": "stmap: compare"},
+                )
+
+            s.with_bin_model(go_bins, on_fail=self._on_worker_finished)
+            return self._worker
         self.summary.setText("predicting and comparing… (the network runs once per tile)")
 
         def go(pred) -> None:

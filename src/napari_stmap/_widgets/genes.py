@@ -8,6 +8,12 @@ session's view worker computes the blocks a read missed and wakes the dock, whic
 layer, at most every :attr:`GenesWidget.REFRESH_MS` (a 50 ms timer catches up on deferred
 refreshes). Finished tiles only cause work for the layers showing them. Layers are called
 ``stmap: GENE`` and updated in place; "Show in selected" switches a layer to another gene.
+
+With a bin model (MagNet) a heatmap is an image of one pixel per bin
+(:meth:`~napari_stmap.core.bins.BinPrediction.gene_raster` of the session's latest bin
+prediction; NaN, transparent, where no bin was predicted), placed in µm like the dense maps
+(``scale`` = bin side, ``translate`` = centre of the first bin). Switching genes or values
+recomputes the raster from the stored counts; a new prediction updates the layers in place.
 """
 
 from __future__ import annotations
@@ -63,13 +69,54 @@ def gene_layer_view(session, pred, gene: str, mode: str, on_update=None):
     from napari_stmap.core.engine import LiveGeneView, view_grid
 
     grid = view_grid(pred.store, 0)
-    view = LiveGeneView(pred, gene, mode, worker=session.view_worker(), on_update=on_update)
+    view = LiveGeneView(
+        pred,
+        gene,
+        mode,
+        worker=session.view_worker(),
+        on_update=on_update,
+        mask=pred.display_mask(),  # computed when the predictor was built (worker)
+    )
     mpp = session.mpp
     place = {
         "scale": (grid.pixel_px * mpp,) * 2,
         "translate": tuple(v * mpp for v in grid.translate_yx),
     }
     return view, place
+
+
+def bins_layer_data(session, gene: str, mode: str) -> tuple[np.ndarray, dict]:
+    """Raster (H, W) of ``gene`` from the session's bin prediction and its placement (µm).
+
+    Without a prediction yet: one NaN pixel of the model's bin size at the origin.
+    """
+    from napari_stmap.core.bins import model_bin_um
+
+    mpp, pred = session.mpp, session.bins
+    if pred is None:
+        b = model_bin_um(session.model_meta)
+        return np.full((1, 1), np.nan, np.float32), {"scale": (b, b), "translate": (b / 2,) * 2}
+    raster, grid = pred.gene_raster(gene, mode)
+    place = {
+        "scale": (grid.pixel_px * mpp,) * 2,
+        "translate": tuple(v * mpp for v in grid.translate_yx),
+    }
+    return raster, place
+
+
+def is_bins_layer(layer) -> bool:
+    """Whether ``layer`` is a heatmap of a bin model (a plain raster, not a live view)."""
+    return bool((layer.metadata.get("stmap") or {}).get("bins"))
+
+
+def raster_contrast(data) -> tuple[float, float] | None:
+    """1st–99.5th percentile of the finite values of a raster."""
+    arr = np.asarray(data)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return None
+    lo, hi = np.percentile(finite, [1, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
 
 
 def refresh_live_layer(layer) -> None:
@@ -125,6 +172,7 @@ class GenesWidget(QWidget):
         self.session.changed.connect(self._on_session_changed)
         self.session.tiles_done.connect(self._on_tiles_done)
         self.session.busy.connect(self._on_session_busy)
+        self.session.bins_changed.connect(self._on_bins_changed)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
         self._on_session_changed("model")
@@ -233,7 +281,9 @@ class GenesWidget(QWidget):
     def add_gene(self, gene: str) -> None:
         """Add (or select) the heatmap of ``gene``; predicts nothing by itself."""
         match = self.match_gene(gene)
-        if match is not None:
+        if match is not None and self.session.is_bins:
+            self._add_bins_layer(match)
+        elif match is not None:
             self.session.with_predictor(lambda pred: self._add_layer(pred, match))
 
     def switch_gene(self, gene: str) -> None:
@@ -250,7 +300,49 @@ class GenesWidget(QWidget):
             self.add_gene(match)
             return
         name = layer.name
+        if self.session.is_bins:
+            self._add_bins_layer(match, replace=name)
+            return
         self.session.with_predictor(lambda pred: self._switch_layer(pred, name, match))
+
+    def _add_bins_layer(self, gene: str, replace: str | None = None) -> None:
+        """Add or update the raster heatmap of ``gene`` (bin model); ``replace``: reuse a layer."""
+        name = gene_layer_name(gene)
+        data, place = bins_layer_data(self.session, gene, self.mode)
+        layer = owned_layer(self.viewer, replace or name)
+        if layer is not None and not is_bins_layer(layer):  # a dense model's live view
+            self.viewer.layers.remove(layer)
+            layer = None
+        if layer is not None:
+            layer.metadata["stmap"].update(gene=gene, mode=self.mode, auto_contrast=False)
+            layer.name = name
+            layer.data = data
+            layer.scale, layer.translate = place["scale"], place["translate"]
+        else:
+            layer = self.viewer.add_image(
+                data,
+                name=name,
+                colormap=self.cmap_combo.currentText(),
+                opacity=self.opacity.value() / 100,
+                blending="translucent",
+                contrast_limits=(0.0, 1.0),
+                units=self.session.units,
+                metadata={"stmap": {"kind": "gene", "gene": gene, "mode": self.mode, "bins": True}},
+                **place,
+            )
+        self._sync_list()
+        items = self.layer_list.findItems(name, Qt.MatchFlag.MatchExactly)
+        if items:
+            self.layer_list.setCurrentItem(items[0])
+        self.auto_contrast(layer)
+
+    def _on_bins_changed(self) -> None:
+        """A new bin prediction: update the raster heatmaps in place (no network run)."""
+        if not self.session.is_bins:
+            return
+        for layer in self.gene_layers():
+            if is_bins_layer(layer):
+                self._add_bins_layer(layer.metadata["stmap"]["gene"], replace=layer.name)
 
     def _switch_layer(self, pred, name: str, gene: str) -> None:
         layer, new = owned_layer(self.viewer, name), gene_layer_name(gene)
@@ -281,6 +373,9 @@ class GenesWidget(QWidget):
             old.close()
         self.views[name] = view
         layer = owned_layer(self.viewer, name)
+        if layer is not None and is_bins_layer(layer):  # a bin model's raster: rebuild
+            self.viewer.layers.remove(layer)
+            layer = None
         if layer is not None:  # update in place, never duplicate
             layer.metadata["stmap"]["mode"] = self.mode
             layer.data = view.arrays
@@ -329,6 +424,11 @@ class GenesWidget(QWidget):
         """Show every heatmap as ``"normalised"`` or ``"absolute"`` values (no network run)."""
         self.mode = mode
         self.mode_combo.setCurrentIndex(list(MODES).index(mode))
+        if self.session.is_bins:
+            for layer in self.gene_layers():
+                if is_bins_layer(layer):
+                    self._add_bins_layer(layer.metadata["stmap"]["gene"], replace=layer.name)
+            return
         pred = self.session.predictor
         if pred is None:
             return
@@ -364,6 +464,14 @@ class GenesWidget(QWidget):
     def auto_contrast(self, layer) -> None:
         """Set ``layer``'s contrast limits from the values predicted so far (worker)."""
         name = layer.name
+        if is_bins_layer(layer):  # a small in-memory raster: no worker needed
+            limits = raster_contrast(layer.data)
+            if limits is not None:
+                layer.contrast_limits_range = limits
+                layer.contrast_limits = limits
+                layer.metadata["stmap"]["auto_contrast"] = True
+            self._draw_colorbar()
+            return
         view = self.views.get(name)
         if name in self._contrast_workers or view is None:
             return

@@ -5,6 +5,11 @@ scale is µm/px). Values follow the additive rule: the dense map from
 :func:`~napari_stmap.core.engine.ensure_region` summed over each footprint with exact pixel
 fractions (:func:`~napari_stmap.core.aggregate.aggregate`); normalised expression is
 ``log1p(1e4 · gene / total)`` after summing (:func:`~napari_stmap.core.aggregate.normalize_expression`).
+
+With a bin model (MagNet) the sums come from the session's bin prediction
+(:meth:`~napari_stmap.core.bins.BinPrediction.region_sums`: each bin adds the fraction of its
+area inside the shape); a region reaching bins not predicted yet is NaN (predict that area in
+the Predict dock first).
 """
 
 from __future__ import annotations
@@ -101,6 +106,17 @@ def compute_regions(
     centers = (boxes[:, :2] + boxes[:, 2:]) / 2
     genes = list(source.output_names[:-1])
     return RegionTable(list(names), list(kinds), centers, counts, area, genes)
+
+
+def compute_regions_bins(
+    bins, footprints: list, names: list[str], kinds: list[str], mpp: float
+) -> RegionTable:
+    """Sum a bin prediction over each footprint (fractional bin coverage; no network run)."""
+    boxes = np.array([f.bbox_yx() for f in footprints], dtype=float)
+    counts = bins.region_sums(footprints)
+    area = np.array([f.area_px() for f in footprints]) * mpp**2
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return RegionTable(list(names), list(kinds), centers, counts, area, bins.genes)
 
 
 def build_export(table: RegionTable, mpp: float, slide_path: str):
@@ -313,6 +329,8 @@ class RegionsWidget(QWidget):
             self._fill_table()
             return None
         mpp = self.session.mpp
+        if self.session.is_bins:
+            return self._recompute_bins(fps, names, kinds, mpp)
         self.update_btn.setEnabled(False)
         self.status.setText(f"computing {len(fps)} regions…")
 
@@ -332,9 +350,35 @@ class RegionsWidget(QWidget):
         self.session.with_predictor(go, on_fail=self._on_worker_finished)
         return self._worker
 
+    def _recompute_bins(self, fps, names, kinds, mpp):
+        bins = self.session.bins
+        if bins is None:
+            text = "a bin model gives regions from its bin prediction: press 'Predict view' first"
+            self.status.setText(text)
+            notify_info(text)
+            return None
+        self.update_btn.setEnabled(False)
+        self.status.setText(f"summing {len(fps)} regions over {bins.n} predicted bins…")
+        self._worker = self.session.run(
+            compute_regions_bins,
+            bins,
+            fps,
+            names,
+            kinds,
+            mpp,
+            on_done=self._on_regions_computed,
+            on_finally=self._on_worker_finished,
+            what="computing regions",
+        )
+        return self._worker
+
     def _on_regions_computed(self, table: RegionTable) -> None:
         self.table_data = table
-        self.status.setText(f"{len(table.names)} regions × {len(table.genes)} genes")
+        text = f"{len(table.names)} regions × {len(table.genes)} genes"
+        missing = int(np.isnan(table.total).sum())
+        if missing:
+            text += f"; {missing} reach bins not predicted yet (NaN): predict their area first"
+        self.status.setText(text)
         self._fill_table()
 
     def _on_worker_finished(self) -> None:

@@ -285,7 +285,8 @@ class SlideDataWidget(QWidget):
         except Exception as exc:
             notify_error(exc, "opening the model")
             return False
-        if meta.get("input_kind", "dense") != "dense" and meta.get("arch") not in (None, "pixnet"):
+        kind = meta.get("input_kind", "dense")
+        if kind not in ("dense", "bins") and meta.get("arch") not in (None, "pixnet"):
             notify_warning(
                 f"{Path(path).name} ({meta.get('arch')}) predicts one value per spot crop; the "
                 "viewer needs a dense model such as pixnet"

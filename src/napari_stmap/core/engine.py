@@ -639,6 +639,8 @@ class Predictor:
             store_path, self.model, self.slide, self.spec, "a", dtype=dtype, model_path=model_path
         )
         self._on_tissue = _tissue_grid(self.slide, self.spec, tissue)
+        self._tissue_arg = tissue
+        self._display_mask: TissueMask | None | bool = False  # False: not computed yet
         self.reader = SlideReader(self.slide, self.spec, image_cache_bytes)
         self.on_tile_done, self.done_queue = on_tile_done, done_queue
         self._error: BaseException | None = None
@@ -756,6 +758,23 @@ class Predictor:
         self.close()
 
     # --- views --------------------------------------------------------------------------
+    def display_mask(self) -> TissueMask | None:
+        """Tissue mask for heatmaps: predictions on glass are hidden (``None``: show all).
+
+        The slide's tissue mask dilated by :data:`DISPLAY_MASK_MARGIN_UM` (computed once, on
+        the caller's thread: call it from a worker). ``None`` when the predictor was made with
+        ``tissue=False``. Predictions themselves (store, region sums) are never masked.
+        """
+        if self._display_mask is False:
+            tissue = self._tissue_arg
+            if tissue is False or tissue is None:
+                self._display_mask = None
+            elif isinstance(tissue, TissueMask):
+                self._display_mask = tissue
+            else:
+                self._display_mask = tissue_mask(self.slide, dilate_um=DISPLAY_MASK_MARGIN_UM)
+        return self._display_mask
+
     def gene_view(
         self,
         gene: str | int,
@@ -830,6 +849,10 @@ def _plan_for_store(
         tile_px = tile_px or int(meta["spec"]["tile_px"])
         halo_px = int(meta["spec"]["halo_px"]) if halo_px is None else halo_px
     return plan_tiles(slide, model, tile_px=tile_px, halo_px=halo_px)
+
+
+#: Margin around tissue kept in displayed heatmaps, µm (one mask pixel of the default mask).
+DISPLAY_MASK_MARGIN_UM = 8.0
 
 
 def _tissue_grid(slide: Slide, spec: TileSpec, tissue: bool | TissueMask) -> np.ndarray:
@@ -1214,6 +1237,10 @@ class LiveGeneView:
         ``on_update()`` from the worker thread when blocks are ready and no other block of
         this view is queued: a GUI wakes up without polling (keep it short, e.g. emit a Qt
         signal).
+    mask : TissueMask, optional
+        Show only pixels whose centre is on this mask (NaN, transparent, elsewhere), e.g.
+        :meth:`Predictor.display_mask`: a tile that touches tissue is predicted in full, but
+        its values on glass mean nothing to a reader.
     """
 
     def __init__(
@@ -1227,6 +1254,7 @@ class LiveGeneView:
         min_px: int = 256,
         cache_bytes: int = DEFAULT_LIVE_CACHE_BYTES,
         on_update: Callable[[], Any] | None = None,
+        mask: TissueMask | None = None,
     ) -> None:
         store = _as_store(source)
         if mode not in _MODES:
@@ -1245,6 +1273,7 @@ class LiveGeneView:
         self.error: BaseException | None = None
         self.closed = False
         self.on_update = on_update
+        self.mask = mask
         self.arrays = [_LiveArray(self, k) for k in self.levels]
 
     # --- GUI side -----------------------------------------------------------------------
@@ -1305,9 +1334,28 @@ class LiveGeneView:
         if self.closed or key in self._cache or self.store.state(tile) != DONE:
             return  # cached: computed meanwhile (e.g. by level_data), nothing new to show
         block = _view_block(self.store, self.rows, self.mode, level, self.background, *tile)
+        if self.mask is not None:
+            block = self._masked(block, level, tile)
         self._cache.put(key, block)
         with self._lock:
             self._updated = True
+
+    def _masked(self, block: np.ndarray, level: int, tile: Tile) -> np.ndarray:
+        """``block`` with NaN where the centre of a pixel is off :attr:`mask`."""
+        ys, xs = self._bounds[level]
+        grid = view_grid(self.store, level)
+        mask, (py, px) = self.mask.mask, self.mask.px_yx
+        rows = (
+            grid.origin_yx[0] + (int(ys[tile[0]]) + np.arange(block.shape[0]) + 0.5) * grid.pixel_px
+        )
+        cols = (
+            grid.origin_yx[1] + (int(xs[tile[1]]) + np.arange(block.shape[1]) + 0.5) * grid.pixel_px
+        )
+        r, c = np.floor(rows / py).astype(np.int64), np.floor(cols / px).astype(np.int64)
+        ok_r, ok_c = (r >= 0) & (r < mask.shape[0]), (c >= 0) & (c < mask.shape[1])
+        keep = mask[np.ix_(np.clip(r, 0, mask.shape[0] - 1), np.clip(c, 0, mask.shape[1] - 1))]
+        keep &= ok_r[:, None] & ok_c[None, :]
+        return np.where(keep, block, np.float32(np.nan)).astype(np.float32, copy=False)
 
     def _read(self, level: int, ry: range, rx: range, *, submit: bool = True) -> np.ndarray:
         """Rows ``ry`` × columns ``rx`` (step 1) of level ``level`` from the computed blocks."""
