@@ -91,6 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-maps", action="store_true")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only print the table of earlier runs' --out folders (folds run in parallel)",
+    )
     return p.parse_args(argv)
 
 
@@ -414,6 +421,8 @@ def main(argv=None) -> int:
         "napari_stmap.core.metrics",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.merge:
+        return merge(args.merge)
     args.out.mkdir(parents=True, exist_ok=True)
     which = set(args.models.split(","))
     results: dict[str, dict] = {}
@@ -427,6 +436,20 @@ def main(argv=None) -> int:
     out = {"summary": table, "folds": results}
     (args.out / "results.json").write_text(json.dumps(out, indent=1, default=_json))
     (args.out / "results.md").write_text(text + "\n")
+    return 0
+
+
+def merge(folders: list[Path]) -> int:
+    """Print the table of folds run separately (``results.json`` of each folder; models of
+    the same fold are merged, so pixnet/spotnet and magnet can run as separate jobs)."""
+    results: dict[str, dict] = {}
+    for folder in folders:
+        folds = json.loads((Path(folder) / "results.json").read_text())["folds"]
+        for name, fold in folds.items():
+            results.setdefault(name, {}).update(fold)
+    text, _ = summary(dict(sorted(results.items())))
+    print(f"folds: {', '.join(sorted(results))}")
+    print(text)
     return 0
 
 

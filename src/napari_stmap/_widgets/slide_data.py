@@ -73,7 +73,7 @@ class SlideDataWidget(QWidget):
     # --- layout ----------------------------------------------------------------------------
     def _build(self) -> None:
         lay = QVBoxLayout(self)
-        box = QGroupBox("H&E slide")
+        box = QGroupBox("H&&E slide")  # "&&": a single & would be a Qt mnemonic
         form = QFormLayout(box)
         self.slide_combo = QComboBox()
         self.slide_combo.setToolTip("Image layers opened with napari-stmap (File > Open)")

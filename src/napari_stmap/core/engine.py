@@ -200,8 +200,16 @@ def _ready_model(model: Any, device: Any) -> Any:
     """Move ``model`` to ``device`` in eval mode (channels_last weights on CUDA)."""
     import torch
 
-    if getattr(model, "input_kind", "dense") != "dense":
-        msg = f"the engine needs a dense model (e.g. pixnet); {getattr(model, 'arch', '?')!r} predicts one value per spot crop"
+    kind = getattr(model, "input_kind", "dense")
+    if kind != "dense":
+        arch = getattr(model, "arch", "?")
+        how = (
+            "one value per bin: predict it with napari_stmap.core.bins.predict_bin_region, "
+            "`stmap evaluate` or the viewer"
+            if kind == "bins"
+            else "one value per spot crop"
+        )
+        msg = f"the tiled engine needs a dense model (e.g. pixnet); {arch!r} predicts {how}"
         raise StmapInputError(msg)
     model = model.to(device).eval()
     if device.type == "cuda":
