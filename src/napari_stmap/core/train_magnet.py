@@ -17,8 +17,8 @@ Loss: :func:`~napari_stmap.core.train.expression_loss` of the final prediction p
 ``consistency_weight`` × the mean over context levels of the same loss of that level's own
 prediction (MagNet's cross-level consistency: every level must explain the bin).
 
-CPU defaults (``stmap train --arch magnet`` without ``--encoder``): encoder ``regnetx_002``
-for the bin view and a separate one for the context levels; views of 56 / 112 / 256 µm
+CPU defaults (``stmap train --arch magnet`` without ``--encoder``): encoder
+``train.CPU_ENCODER`` (``resnet10t``) for the bin view and a separate one for the context levels; views of 56 / 112 / 256 µm
 (the paper's fields of view) for Visium HD bins and of 112 / 224 / 512 µm for spots of
 ≥ 55 µm (HER2ST's 100 µm spots would not fit a 56 µm bin view); the bin view at the model's
 µm/px (0.5 for HD: 112 px; 2.0 for large spots: 56 px), context views at 64 px.
