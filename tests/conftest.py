@@ -30,3 +30,34 @@ def small_sample(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic") / "sample"
     return write_synthetic(root, size_um=(400.0, 300.0), mpp=0.5, n_genes=24, seed=3)
+
+
+@pytest.fixture
+def docks(qtbot, tmp_path):
+    pytest.importorskip("napari")
+    import napari
+
+    from napari_stmap._widgets._session import get_session
+    from napari_stmap._widgets.compare import CompareWidget
+    from napari_stmap._widgets.genes import GenesWidget
+    from napari_stmap._widgets.predict import PredictWidget
+    from napari_stmap._widgets.regions import RegionsWidget
+    from napari_stmap._widgets.slide_data import SlideDataWidget
+
+    viewer = napari.Viewer(show=False)
+    session = get_session(viewer)
+    session.store_root = tmp_path / "stores"
+    out = {"viewer": viewer, "session": session}
+    for key, cls in [
+        ("data", SlideDataWidget),
+        ("predict", PredictWidget),
+        ("genes", GenesWidget),
+        ("regions", RegionsWidget),
+        ("compare", CompareWidget),
+    ]:
+        out[key] = cls(viewer)
+        viewer.window.add_dock_widget(out[key], name=key)
+    yield out
+    session.close()
+    if hasattr(viewer.window, "_qt_window"):
+        viewer.close()

@@ -27,37 +27,6 @@ def tiny_model(small_sample, tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def docks(qtbot, tmp_path):
-    """A viewer with the five docks sharing one session (stores under ``tmp_path``)."""
-    import napari
-
-    from napari_stmap._widgets._session import get_session
-    from napari_stmap._widgets.compare import CompareWidget
-    from napari_stmap._widgets.genes import GenesWidget
-    from napari_stmap._widgets.predict import PredictWidget
-    from napari_stmap._widgets.regions import RegionsWidget
-    from napari_stmap._widgets.slide_data import SlideDataWidget
-
-    viewer = napari.Viewer(show=False)
-    session = get_session(viewer)
-    session.store_root = tmp_path / "stores"
-    out = {"viewer": viewer, "session": session}
-    for key, cls in [
-        ("data", SlideDataWidget),
-        ("predict", PredictWidget),
-        ("genes", GenesWidget),
-        ("regions", RegionsWidget),
-        ("compare", CompareWidget),
-    ]:
-        out[key] = cls(viewer)
-        viewer.window.add_dock_widget(out[key], name=key)
-    yield out
-    session.close()
-    if hasattr(viewer.window, "_qt_window"):
-        viewer.close()
-
-
 def _wait_worker(qtbot, worker) -> None:
     if worker is not None:
         with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS, raising=False):
