@@ -128,6 +128,31 @@ def test_tiles_with_halo_equal_one_big_pass(tiny):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_context_branch_widens_the_embedding_and_keeps_tiling_exact():
+    torch.manual_seed(3)
+    m = create_model("pixnet_tiny", genes=GENES, context_channels=8, context_window=3).eval()
+    plain = create_model("pixnet_tiny", genes=GENES).eval()
+    assert m.embed_dim == plain.embed_dim + 8
+    # 3 × 3 cells of 16 px around each pixel plus the bilinear step: a wider field than without
+    assert m.halo_px > plain.halo_px
+    big = torch.rand(1, 3, 384, 416)
+    s = m.stride
+    with torch.no_grad():
+        full = m(big)
+        e = m.embed(big)
+        assert e.shape[1] == m.embed_dim
+        torch.testing.assert_close(m.head(e), full)
+        for y0, x0, size in [(160, 176, 64), (0, 0, 48), (384 - 64, 416 - 80, 64)]:
+            got = _tile_output(m, big, y0, x0, size)
+            want = full[..., y0 // s : (y0 + size) // s, x0 // s : (x0 + size) // s]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    x = torch.rand(1, 3, 416, 416, requires_grad=True)
+    m(x)[0, :, 208 // s, 208 // s].sum().backward()
+    rows, cols = np.nonzero(x.grad.abs().sum(1)[0].numpy())
+    assert rows.min() >= 208 - m.halo_px and rows.max() <= 208 + s - 1 + m.halo_px
+    assert cols.min() >= 208 - m.halo_px and cols.max() <= 208 + s - 1 + m.halo_px
+
+
 def test_halo_bounds_the_measured_receptive_field(tiny):
     x = torch.rand(1, 3, 320, 320, requires_grad=True)
     c = 160 // tiny.stride

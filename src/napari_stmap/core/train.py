@@ -842,8 +842,8 @@ def _model_kwargs(cfg: TrainConfig, prior: np.ndarray, ref_area_um2: float) -> d
         levels = int(round(math.log2(32 / cfg.stride)))
         kw.update(
             encoder=CPU_ENCODER,
-            decoder_channels=[64, 32, 32][:levels],
-            attn_windows=[5, 3, 3][:levels],
+            decoder_channels=[64, 32, 32, 32][:levels],
+            attn_windows=[5, 3, 3, 0][:levels],
         )
     elif cfg.arch in ("spotnet", "magnet") and cfg.encoder is None:
         kw["encoder"] = CPU_ENCODER

@@ -172,6 +172,46 @@ class LocalAttention2d(nn.Module):
         return outside.unsqueeze(3) + self.pos_bias
 
 
+class UpsampleBy(nn.Module):
+    """Bilinear ×``factor`` upsampling (align_corners=False); reads 1 input px around each pixel."""
+
+    rf_radius = 1
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = int(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factor == 1:
+            return x
+        return F.interpolate(x, scale_factor=float(self.factor), mode="bilinear", align_corners=False)
+
+
+class ContextBranch(nn.Module):
+    """Neighbourhood context of the deepest features, brought to the output grid.
+
+    (B, C_deep, h, w) at the encoder's max stride -> k × k mean (cells outside the image left
+    out, not zero-padded) -> 1×1 conv -> LayerNorm -> bilinear up by ``factor`` ->
+    (B, channels, h·factor, w·factor). Concatenated to the decoder's embedding, it gives the
+    pointwise head a descriptor of the tissue around each output pixel (k × max stride px
+    across), which the U-Net's fine stages otherwise carry through a few channels only. Local
+    (finite receptive field), so tiling stays exact.
+    """
+
+    def __init__(self, in_ch: int, channels: int, window: int, factor: int) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            msg = f"context window must be an odd number of cells, got {window}"
+            raise StmapInputError(msg)
+        self.pool = nn.AvgPool2d(window, stride=1, padding=window // 2, count_include_pad=False)
+        self.proj = nn.Conv2d(in_ch, channels, 1)
+        self.norm = LayerNorm2d(channels)
+        self.up = UpsampleBy(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.norm(self.proj(self.pool(x))))
+
+
 class _NoSkip(nn.Module):
     """Stands in for the skip projection of a level the encoder does not provide."""
 
@@ -214,11 +254,14 @@ class FusionDecoder(nn.Module):
         Attention window (odd, px of that stage) of each stage.
     head_dim : int
         Channels per attention head.
+    context_channels, context_window : int
+        Width of the :class:`ContextBranch` appended to the output (0: none) and its window
+        (cells of the max stride).
 
     Notes
     -----
-    ``forward(features)`` -> (B, channels[-1], H / stride, W / stride), layer-normalised over
-    channels (bounded values: the embedding can be cached as float16).
+    ``forward(features)`` -> (B, channels[-1] + context_channels, H / stride, W / stride),
+    layer-normalised over channels (bounded values: the embedding can be cached as float16).
     """
 
     def __init__(
@@ -230,6 +273,8 @@ class FusionDecoder(nn.Module):
         channels: Sequence[int],
         windows: Sequence[int],
         head_dim: int,
+        context_channels: int = 0,
+        context_window: int = 3,
     ) -> None:
         super().__init__()
         levels = _stage_strides(max(encoder_reductions), stride)
@@ -251,14 +296,22 @@ class FusionDecoder(nn.Module):
             FusionBlock(i, s, o, window=w, head_dim=head_dim)
             for i, s, o, w in zip(in_chs, skip_chs, channels, windows, strict=True)
         )
-        self.out_channels = int(channels[-1])
-        self.norm = LayerNorm2d(self.out_channels)
+        self.norm = LayerNorm2d(int(channels[-1]))
+        self.context = (
+            ContextBranch(in_chs[0], context_channels, context_window, max(levels) * 2 // stride)
+            if context_channels
+            else None
+        )
+        self.out_channels = int(channels[-1]) + int(context_channels)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = _gather(features, self.bottom)
+        bottom = x = _gather(features, self.bottom)
         for block, skip_idx in zip(self.blocks, self.skips, strict=True):
             x = block(x, _gather(features, skip_idx))
-        return self.norm(x)
+        x = self.norm(x)
+        if self.context is None:
+            return x
+        return torch.cat([x, self.context(bottom)], dim=1)
 
 
 def _stage_strides(max_stride: int, stride: int) -> list[int]:
@@ -328,6 +381,9 @@ class PixNet(StmapModel):
         Window 0 means no attention in that stage (``nn.Identity``).
     head_dim : int
         Channels per attention head.
+    context_channels, context_window : int
+        A :class:`ContextBranch` of that width (0: none) over a window of that many
+        max-stride cells, concatenated to the embedding.
     mpp : float
         µm/px the model works at.
     halo_px : int, optional
@@ -382,6 +438,8 @@ class PixNet(StmapModel):
             channels=cfg["decoder_channels"],
             windows=cfg["attn_windows"],
             head_dim=int(cfg["head_dim"]),
+            context_channels=int(cfg["context_channels"]),
+            context_window=int(cfg["context_window"]),
         )
         self.embed_dim = self.decoder.out_channels
 
@@ -426,6 +484,8 @@ _PIXNET_OPTIONS: dict[str, Any] = {
     "decoder_channels": None,
     "attn_windows": None,
     "head_dim": 32,
+    "context_channels": 0,
+    "context_window": 3,
     "mpp": 0.5,
     "halo_px": None,
     "init_counts_per_px": None,
