@@ -9,7 +9,17 @@ import sys
 
 import napari_stmap.core as core_pkg
 
-GUI_MODULES = ("napari", "qtpy", "magicgui", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy")
+GUI_MODULES = (
+    "napari",
+    "qtpy",
+    "magicgui",
+    "superqt",
+    "PyQt5",
+    "PyQt6",
+    "PySide2",
+    "PySide6",
+    "vispy",
+)
 HEAVY_MODULES = ("torch", "timm", "dask", "napari", "zarr", "anndata")
 
 

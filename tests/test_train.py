@@ -50,13 +50,14 @@ def tiny_data(pair):
 def test_cli_train_evaluate_pixnet(tmp_path, pair, small_sample, capsys):
     model = tmp_path / "pix.safetensors"
     opts = "--arch pixnet_tiny --genes top:6 --epochs 1 --tile-px 64 --batch-size 2"
-    opts += " --steps-per-epoch 2 --threads 1"
+    opts += " --steps-per-epoch 2 --threads 1 --model-option context_channels=4"
     argv = ["train", "--slide", pair[0], "--spots", pair[1], "--out", model, *opts.split()]
     assert _cli(argv) == 0 and model.is_file()
-    from napari_stmap.core.model import read_model_metadata
+    from napari_stmap.core.model import load_model, read_model_metadata
 
     meta = read_model_metadata(model)
     assert meta["arch"] == "pixnet" and len(meta["genes"]) == 6 and meta["mpp"] == 0.5
+    assert load_model(model).embed_dim == 16 + 4  # the tiny decoder's 16 + the context branch
     training = meta["training"]
     assert training["epochs"] == 1 and training["seed"] == 0
     assert training["bin_um"] == [2.0, 8.0, 16.0]
@@ -119,6 +120,11 @@ def test_cli_bad_input_exits_2(tmp_path, pair, capsys):
     assert _cli([*base, "--genes", tmp_path / "nope.txt"]) == 2
     assert _cli([*base, "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert _cli([*base, "--model-option", "context_channels"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert _cli([*base, "--arch", "pixnet_tiny", "--model-option", "no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------- training
@@ -422,6 +428,13 @@ def test_target_stats_match_numpy(tiny_data):
     np.testing.assert_allclose(stats["mean"], norm.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(stats["std"], norm.std(axis=0), rtol=1e-5)
     assert min(target_stats(slides, floor=10.0)["std"]) == 10.0
+    # per scale: the 2 µm table's own numbers; sparse 2 µm bins spread more than 16 µm bins
+    t2 = slides[0].table(2.0)
+    total2 = np.maximum(t2.total.astype(np.float64), 1e-12)[:, None]
+    norm2 = np.log1p(1e4 * t2.counts.toarray().astype(np.float64) / total2)
+    fine = target_stats(slides, floor=0.0, bin_um=2.0)
+    np.testing.assert_allclose(fine["std"], norm2.std(axis=0), rtol=1e-5)
+    assert np.mean(fine["std"]) > 1.5 * np.mean(stats["std"])
 
 
 def test_ema_update_follows_the_formula():

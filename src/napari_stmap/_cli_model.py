@@ -20,6 +20,7 @@ __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
 _TRAIN_EPILOG = """\
 defaults (random init, sized for a 2-core CPU: ~7 min for three HER2ST sections):
   Visium / legacy ST spots (>= 55 µm): --mpp 2.0, stride 4, --tile-px 256, encoder resnet10t
+    (PixNet: decoder 64/32/32 channels + a 64-channel context branch)
   Visium HD bins: --mpp 0.5, stride 4, --tile-px 256, same encoder, --bin-um 2,8,16
   SpotNet: same encoder, crops of max(112 µm, 1.5 x spot size), 32 crops per step
   all: loss MSE on per-gene z-scores (--no-zscore: on log1p cp10k), EMA of the weights
@@ -31,6 +32,7 @@ defaults (random init, sized for a 2-core CPU: ~7 min for three HER2ST sections)
 larger models for a GPU, e.g.:
   --device cuda --encoder resnet50 --mpp 1.0 --tile-px 512 --batch-size 16 --epochs 30
   --device cuda --encoder vit_large_patch16_224 --encoder-weights uni.safetensors --mpp 0.5
+  --model-option context_channels=64 --model-option 'decoder_channels=[128, 64, 64]'
   (a pathology foundation model such as UNI from a local .safetensors file; ViT encoders give
   only approximately seamless tiled maps)
 
@@ -77,6 +79,16 @@ _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--val-spots", {"type": Path, "default": None, "help": "measured spots of --val-slide"}),
     ("--encoder", {"default": None, "help": "timm encoder (default resnet10t)"}),
     ("--encoder-weights", {"default": None, "help": "local .safetensors weights of the encoder"}),
+    (
+        "--model-option",
+        {
+            "action": "append",
+            "default": [],
+            "metavar": "KEY=VALUE",
+            "help": "architecture option, VALUE as JSON (repeat), e.g. context_channels=64 or "
+            "'decoder_channels=[128, 64, 64]'",
+        },
+    ),
     (
         "--mpp",
         {
@@ -205,12 +217,30 @@ def _train_config(args):
         total_weight=args.total_weight,
         encoder=args.encoder,
         encoder_weights=args.encoder_weights,
+        model_config=_model_options(args.model_option),
         seed=args.seed,
         device=args.device,
         augment=not args.no_augment,
         max_batches_per_epoch=args.steps_per_epoch,
         num_threads=args.threads,
     )
+
+
+def _model_options(items: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` (VALUE as JSON, else a plain string) -> ``{KEY: value}``."""
+    import json
+
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            msg = f"--model-option {item!r}: write KEY=VALUE, e.g. context_channels=64"
+            raise StmapInputError(msg)
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
 
 
 def _check_train_args(args) -> tuple[list, tuple | None]:

@@ -53,4 +53,7 @@ def synthetic_sample() -> list:
     sample = ensure_sample()
     slide = open_slide(sample.slide)
     bins = read_visium_hd(sample.outs, bin_um=SAMPLE_BIN_UM)
-    return [slide_layer(slide, name="synthetic H&E"), spots_layer(bins, name=f"synthetic {SAMPLE_BIN_UM:g} µm")]
+    return [
+        slide_layer(slide, name="synthetic H&E"),
+        spots_layer(bins, name=f"synthetic {SAMPLE_BIN_UM:g} µm"),
+    ]

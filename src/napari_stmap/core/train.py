@@ -15,7 +15,9 @@ With ``zscore`` the MSE term is taken on per-gene z-scores, ``(norm − μ_g) / 
 σ_g the mean and std of gene g's normalised expression over the training spots
 (:func:`target_stats`, σ floored at 0.05; stored in the model metadata as
 ``training.target_stats``): every gene then weighs the same, instead of the few genes with
-the largest spread dominating. The model still predicts counts; only the loss changes.
+the largest spread dominating. The model still predicts counts; only the loss changes. With
+several scales (Visium HD) σ_g is taken per scale, so a batch of sparse 2 µm bins (σ several
+times that of 16 µm bins) does not outweigh the coarser batches.
 
 Weight averaging (``ema_decay`` > 0): an exponential moving average of all weights and
 batch-norm statistics is updated after every step; validation, the saved model and the
@@ -57,7 +59,9 @@ Defaults (2-core CPU, random init; see :func:`resolve_config`)
 - Spots ≥ 55 µm (Visium, legacy ST such as HER2ST's 100 µm spots at 200 µm pitch): model at
   **2.0 µm/px**, output stride 4 (8 µm map pixels), tiles of 256 px = 512 µm (about 4, at most
   9, HER2ST spots per tile), encoder ``resnet10t`` with a three-stage decoder (64, 32, 32
-  channels), batches of 8 tiles, 24 epochs, peak learning rate 2e-3, z-scored MSE, EMA of the
+  channels) plus a 64-channel context branch (3 × 3 mean of the deepest features, 192 µm
+  across, concatenated to the embedding), batches of 8 tiles, 24 epochs, peak learning rate
+  2e-3, z-scored MSE, EMA of the
   weights (decay 0.98): about 15 minutes for three HER2ST sections on one free core of this
   project's 2-core CPU (2.3 s per step; three times that while other jobs share it).
   Why 2 µm/px: nuclei are still 3–5 px,
@@ -67,9 +71,11 @@ Defaults (2-core CPU, random init; see :func:`resolve_config`)
   1 thread): 2 µm/px, 24 epochs: PCC@M 0.256 in 386 s; 1 µm/px with 512 px tiles, 8 epochs:
   0.208 in 544 s; 2 µm/px, 8 epochs: 0.208 in 122 s (all regnetx_002, lr 1e-3, no z-score,
   no EMA). With resnet10t, lr 2e-3, z-score and EMA, 12 epochs: 0.270 (evaluated with TTA;
-  regnetx_002 with z-score + EMA, 24 epochs: 0.250); a wider decoder (128, 64, 64): 0.268.
-  The network underfits at this budget (PCC@M 0.32 on a training section against 0.39 for
-  SpotNet), so a stronger encoder and learning rate pay off more than decoder width.
+  regnetx_002 with z-score + EMA, 24 epochs: 0.250); a wider decoder (128, 64, 64): 0.268;
+  the context branch: 0.282 (128 channels 0.276, a 5 × 5 window 0.281, lr 3e-3 0.282, tiles
+  of 512 px in batches of 2: 0.258). The network underfits at this budget (PCC@M 0.32 on a
+  training section against 0.39 for SpotNet): the context branch hands the pointwise head a
+  wide descriptor of the surrounding tissue that the decoder's last 32 channels carry poorly.
   ``benchmarks/her2st_loso.py`` holds the four-fold figures. With a GPU and a pretrained
   encoder use ``--mpp 1.0`` or 0.5.
 - Visium HD bins: 0.5 µm/px, stride 4 (2 µm map pixels), tiles of 256 px, same encoder.
@@ -800,15 +806,18 @@ def expression_loss(
     }
 
 
-def target_stats(slides: Sequence[TrainSlide], floor: float = 0.05) -> dict[str, list[float]]:
-    """Per-gene mean and std of ``log1p(1e4 · gene / total)`` over the anchor units.
+def target_stats(
+    slides: Sequence[TrainSlide], floor: float = 0.05, bin_um: float | None = None
+) -> dict[str, list[float]]:
+    """Per-gene mean and std of ``log1p(1e4 · gene / total)`` over the units of one scale.
 
-    The std is floored at ``floor`` (nearly constant genes would otherwise dominate a
-    z-scored loss). Returns ``{"mean": [G], "std": [G]}`` (JSON-safe, for the metadata).
+    ``bin_um``: the scale (µm); default the anchor (coarsest) units of each slide. The std is
+    floored at ``floor`` (nearly constant genes would otherwise dominate a z-scored loss).
+    Returns ``{"mean": [G], "std": [G]}`` (JSON-safe, for the metadata).
     """
     rows = []
     for ts in slides:
-        a = ts.anchor
+        a = ts.anchor if bin_um is None else ts.table(bin_um)
         x = sp.diags(1e4 / np.maximum(a.total, 1e-12).astype(np.float64)) @ a.counts
         rows.append(np.log1p(np.asarray(sp.csr_matrix(x).todense(), dtype=np.float64)))
     x = np.concatenate(rows)
@@ -844,6 +853,7 @@ def _model_kwargs(cfg: TrainConfig, prior: np.ndarray, ref_area_um2: float) -> d
             encoder=CPU_ENCODER,
             decoder_channels=[64, 32, 32, 32][:levels],
             attn_windows=[5, 3, 3, 0][:levels],
+            context_channels=64,
         )
     elif cfg.arch in ("spotnet", "magnet") and cfg.encoder is None:
         kw["encoder"] = CPU_ENCODER
@@ -1112,12 +1122,21 @@ class _Trainer:
             if self.ema is not None and ema:
                 self.ema = {k: ema[k].to(v.device) for k, v in self.ema.items()}
         self.stats = target_stats(self.slides)
-        self.gene_std = (
-            torch.tensor(self.stats["std"], dtype=torch.float32, device=self.cfg.device)
-            if self.cfg.zscore
-            else None
-        )
         self.scales = sorted({t.bin_um for ts in self.slides for t in ts.tables.values()})
+        self.scale_std = (
+            {  # per-scale σ of the z-scored MSE (see the module notes)
+                b: torch.tensor(
+                    target_stats(self.slides, bin_um=b)["std"]
+                    if len(self.scales) > 1
+                    else self.stats["std"],
+                    dtype=torch.float32,
+                    device=self.cfg.device,
+                )
+                for b in self.scales
+            }
+            if self.cfg.zscore
+            else {}
+        )
         self.steps_per_epoch = len(
             plan_epoch(
                 self.slides,
@@ -1258,10 +1277,12 @@ class _Trainer:
             mse_weight=cfg.mse_weight,
             pcc_weight=cfg.pcc_weight,
             total_weight=cfg.total_weight,
-            gene_std=self.gene_std,
+            gene_std=self.scale_std.get(bin_um),
         )
         if aux is not None:
-            loss, parts = aux(loss, parts, torch.from_numpy(targets).to(device), self.gene_std)
+            loss, parts = aux(
+                loss, parts, torch.from_numpy(targets).to(device), self.scale_std.get(bin_um)
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -184,7 +184,9 @@ class UpsampleBy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.factor == 1:
             return x
-        return F.interpolate(x, scale_factor=float(self.factor), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            x, scale_factor=float(self.factor), mode="bilinear", align_corners=False
+        )
 
 
 class ContextBranch(nn.Module):
