@@ -72,6 +72,20 @@ def test_cli_train_evaluate_pixnet(tmp_path, pair, small_sample, capsys):
     assert "| 16 |" in capsys.readouterr().out
 
 
+def test_cli_train_stride_and_model_options(tmp_path, pair):
+    from napari_stmap.core.model import load_model
+
+    model = tmp_path / "s8.safetensors"
+    opts = "--arch pixnet_tiny --genes top:4 --epochs 1 --tile-px 64 --batch-size 2"
+    opts += " --steps-per-epoch 1 --threads 1 --bin-um 16 --stride 8"
+    argv = ["train", "--slide", pair[0], "--spots", pair[1], "--out", model, *opts.split()]
+    argv += ["--model-option", "decoder_channels=[16]", "--model-option", "attn_windows=[3]"]
+    assert _cli(argv) == 0
+    m = load_model(model)
+    assert m.stride == 8 and m.config["decoder_channels"] == [16]
+    assert m.metadata["training"]["epochs"] == 1
+
+
 def _check_shape(result, keys, *, truth=False):
     from napari_stmap.core.evaluate import METRIC_KEYS
 

@@ -102,6 +102,15 @@ _TRAIN_OPTIONS: tuple[tuple[str, dict], ...] = (
         {"type": int, "default": None, "help": "pixnet training tile side, model px; default 256"},
     ),
     (
+        "--stride",
+        {
+            "type": int,
+            "default": None,
+            "help": "pixnet output stride, model px per map pixel (max encoder stride / 2^n); "
+            "default 4",
+        },
+    ),
+    (
         "--batch-size",
         {
             "type": int,
@@ -207,6 +216,7 @@ def _train_config(args):
         epochs=args.epochs,
         mpp=args.mpp,
         tile_px=args.tile_px,
+        stride=args.stride,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
