@@ -42,7 +42,9 @@ def tiny_data(pair):
     """Training tables of the small sample at 2, 8 and 16 µm, 6 genes."""
     from napari_stmap.core.train import TrainConfig, load_training_data
 
-    cfg = TrainConfig(arch="pixnet_tiny", genes="top:6", augment=False, **TINY)
+    cfg = TrainConfig(
+        arch="pixnet_tiny", genes="top:6", augment=False, bin_um=(2.0, 8.0, 16.0), **TINY
+    )
     return load_training_data([pair], cfg)
 
 
@@ -50,7 +52,7 @@ def tiny_data(pair):
 def test_cli_train_evaluate_pixnet(tmp_path, pair, small_sample, capsys):
     model = tmp_path / "pix.safetensors"
     opts = "--arch pixnet_tiny --genes top:6 --epochs 1 --tile-px 64 --batch-size 2"
-    opts += " --steps-per-epoch 2 --threads 1 --model-option context_channels=4"
+    opts += " --steps-per-epoch 2 --threads 1 --model-option context_channels=4 --bin-um 2,8,16"
     argv = ["train", "--slide", pair[0], "--spots", pair[1], "--out", model, *opts.split()]
     assert _cli(argv) == 0 and model.is_file()
     from napari_stmap.core.model import load_model, read_model_metadata

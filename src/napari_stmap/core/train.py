@@ -41,8 +41,9 @@ Data
   ``log1p(1e4·g/total)`` over the training spots (coarsest scale), among genes measured in
   every training slide; or a file with one gene per line (``#`` comments allowed).
 - **Scales**: Visium HD bins are read at the finest size needed and summed (full blocks of
-  array indices) into each requested size of ``bin_um``; every batch uses one scale drawn at
-  random. Visium and legacy ST spots are used as they are.
+  array indices) into each requested size of ``bin_um`` (default 16 µm only, see
+  :func:`_requested_scales`); every batch uses one scale drawn at random. Visium and legacy ST
+  spots are used as they are.
 
 Sampling and augmentation
 -------------------------
@@ -493,7 +494,12 @@ def _slide_pairs(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Path, Path]]:
 
 
 def _requested_scales(spots_path: Path, cfg: TrainConfig) -> list[float] | None:
-    """Scales (µm) to train at for Visium HD data (``cfg.bin_um`` or 2, 8, 16); None otherwise."""
+    """Scales (µm) to train at for Visium HD data; None otherwise.
+
+    ``cfg.bin_um``, else 16 µm (the coarsest available size without 16 µm bins): on the
+    synthetic HD benchmark a map trained at 16 µm only beat 8 + 16 and 2 + 8 + 16 µm at every
+    scale, 2 µm included (``benchmarks/synthetic_scales.py``; docs/benchmarks.md).
+    """
     from napari_stmap.core.spots import available_bin_sizes
 
     available = available_bin_sizes(spots_path)
@@ -503,7 +509,7 @@ def _requested_scales(spots_path: Path, cfg: TrainConfig) -> list[float] | None:
                 "%s: not Visium HD bins; --bin-um ignored, spots used as they are", spots_path
             )
         return None
-    wanted = cfg.bin_um or tuple(b for b in (2.0, 8.0, 16.0) if b in available) or (min(available),)
+    wanted = cfg.bin_um or ((16.0,) if 16.0 in available else (max(available),))
     return [float(b) for b in wanted]
 
 
