@@ -85,13 +85,21 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class Upsample2x(nn.Module):
-    """Bilinear ×2 upsampling (align_corners=False); reads 1 input px around each pixel."""
+class UpsampleBy(nn.Module):
+    """Bilinear ×``factor`` upsampling (align_corners=False); reads 1 input px around each pixel."""
 
     rf_radius = 1
 
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = int(factor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        if self.factor == 1:
+            return x
+        return F.interpolate(
+            x, scale_factor=float(self.factor), mode="bilinear", align_corners=False
+        )
 
 
 class SepConvResidual(nn.Module):
@@ -172,23 +180,6 @@ class LocalAttention2d(nn.Module):
         return outside.unsqueeze(3) + self.pos_bias
 
 
-class UpsampleBy(nn.Module):
-    """Bilinear ×``factor`` upsampling (align_corners=False); reads 1 input px around each pixel."""
-
-    rf_radius = 1
-
-    def __init__(self, factor: int) -> None:
-        super().__init__()
-        self.factor = int(factor)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.factor == 1:
-            return x
-        return F.interpolate(
-            x, scale_factor=float(self.factor), mode="bilinear", align_corners=False
-        )
-
-
 class ContextBranch(nn.Module):
     """Neighbourhood context of the deepest features, brought to the output grid.
 
@@ -229,7 +220,7 @@ class FusionBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.proj_in = nn.Conv2d(in_ch, out_ch, 1)
-        self.up = Upsample2x()
+        self.up = UpsampleBy(2)
         self.proj_skip = nn.Conv2d(skip_ch, out_ch, 1, bias=False) if skip_ch else _NoSkip()
         self.norm = LayerNorm2d(out_ch)
         self.conv = SepConvResidual(out_ch)
