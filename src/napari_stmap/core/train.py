@@ -821,13 +821,22 @@ def target_stats(
     floored at ``floor`` (nearly constant genes would otherwise dominate a z-scored loss).
     Returns ``{"mean": [G], "std": [G]}`` (JSON-safe, for the metadata).
     """
-    rows = []
+    # sparse sums (log1p(0) = 0): memory grows with the non-zeros, not units × genes, which
+    # matters for millions of 2 µm bins
+    n, s1, s2 = 0, 0.0, 0.0
     for ts in slides:
         a = ts.anchor if bin_um is None else ts.table(bin_um)
-        x = sp.diags(1e4 / np.maximum(a.total, 1e-12).astype(np.float64)) @ a.counts
-        rows.append(np.log1p(np.asarray(sp.csr_matrix(x).todense(), dtype=np.float64)))
-    x = np.concatenate(rows)
-    return {"mean": x.mean(axis=0).tolist(), "std": np.maximum(x.std(axis=0), floor).tolist()}
+        x = sp.csr_matrix(
+            sp.diags(1e4 / np.maximum(a.total, 1e-12).astype(np.float64)) @ a.counts,
+            dtype=np.float64,
+        )
+        x.data = np.log1p(x.data)
+        n += x.shape[0]
+        s1 = s1 + np.asarray(x.sum(axis=0)).ravel()
+        s2 = s2 + np.asarray(x.multiply(x).sum(axis=0)).ravel()
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+    return {"mean": mean.tolist(), "std": np.maximum(std, floor).tolist()}
 
 
 def _pearson_columns(p: Any, t: Any, eps: float) -> Any:
@@ -1132,9 +1141,7 @@ class _Trainer:
         self.scale_std = (
             {  # per-scale σ of the z-scored MSE (see the module notes)
                 b: torch.tensor(
-                    target_stats(self.slides, bin_um=b)["std"]
-                    if len(self.scales) > 1
-                    else self.stats["std"],
+                    target_stats(self.slides, bin_um=b)["std"],
                     dtype=torch.float32,
                     device=self.cfg.device,
                 )
