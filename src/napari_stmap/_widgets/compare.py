@@ -121,14 +121,14 @@ def run_compare_bins(model, model_path, slide, spots_path, scales_um, device="cp
     The same predictions as the command line (:func:`~napari_stmap.core.evaluate.evaluate_measured`
     without ``predict``), kept for the plot and the layers.
     """
-    from napari_stmap.core.evaluate import _predict_units, evaluate_measured, load_measured
+    from napari_stmap.core.evaluate import evaluate_measured, load_measured, predict_units
 
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
     seen: dict = {}
 
     def predict(meas, units: dict) -> dict:
         seen["meas"], seen["units"] = meas, units
-        seen["preds"] = _predict_units(
+        seen["preds"] = predict_units(
             model, slide, meas, units, device=device, tile_px=None, batch_size=4, tta=False
         )
         return seen["preds"]

@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_model",
     "format_table",
     "load_measured",
+    "predict_units",
     "scale_key",
     "spot_density",
 ]
@@ -405,10 +406,30 @@ def depth_factors(densities: Sequence[float]) -> tuple[float, list[float]]:
 
 
 # ------------------------------------------------------------------------------ prediction
-def _predict_units(
+def predict_units(
     model: Any, slide: Any, measured: Measured, units: dict[str, Units], **kw: Any
 ) -> dict[str, np.ndarray]:
-    """Predicted (n, G_model + 1) counts of every scale's units."""
+    """Predicted counts of every scale's units, as :func:`evaluate_measured` scores them.
+
+    Parameters
+    ----------
+    model
+        Any registered model.
+    slide
+        The measured section's slide.
+    measured, units
+        :func:`load_measured`'s result and its ``units`` per scale key (µm, ``scale_key``).
+    **kw
+        :func:`~napari_stmap.core.predict_dense.predict_spots` options (``device``,
+        ``tile_px``, ``batch_size``, ``tta``).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Per scale key, (n_units, G_model + 1) expected counts (genes in ``model.genes``
+        order, total last). Dense models predict summed scales once, on their base bins, and
+        sum those predictions (the value rule makes that exact).
+    """
     from napari_stmap.core.predict_dense import predict_spots
 
     out: dict[str, np.ndarray] = {}
@@ -556,7 +577,7 @@ def evaluate_measured(
     if predict is not None:
         preds = predict(meas, units)
     else:
-        preds = _predict_units(model, slide, meas, units, **kw)
+        preds = predict_units(model, slide, meas, units, **kw)
     factor = _test_factor(model, meas, units)
     result = _skeleton()
     for key, u in units.items():
