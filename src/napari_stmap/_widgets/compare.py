@@ -291,43 +291,33 @@ class CompareWidget(QWidget):
             notify_error("tick at least one bin size", "compare")
             return None
         self.run_btn.setEnabled(False)
-        if s.is_bins:
-            self.summary.setText("predicting at the measured bins and comparing…")
 
-            def go_bins(model) -> None:
-                self._worker = s.run(
-                    run_compare_bins,
-                    model,
-                    s.model_path,
-                    s.slide,
-                    s.spots_path,
-                    scales,
-                    s.device,
-                    on_done=self._on_compare_done,
-                    on_finally=self._on_worker_finished,
-                    what="compare",
-                    progress={"total": 0, "desc": "stmap: compare"},
-                )
-
-            s.with_bin_model(go_bins, on_fail=self._on_worker_finished)
-            return self._worker
-        self.summary.setText("predicting and comparing… (the network runs once per tile)")
-
-        def go(pred) -> None:
+        def start(fn, source, *extra) -> None:
             self._worker = s.run(
-                run_compare,
-                pred,
+                fn,
+                source,
                 s.model_path,
                 s.slide,
                 s.spots_path,
                 scales,
+                *extra,
                 on_done=self._on_compare_done,
                 on_finally=self._on_worker_finished,
                 what="compare",
                 progress={"total": 0, "desc": "stmap: compare"},
             )
 
-        s.with_predictor(go, on_fail=self._on_worker_finished)
+        if s.is_bins:
+            self.summary.setText("predicting at the measured bins and comparing…")
+            s.with_bin_model(
+                lambda model: start(run_compare_bins, model, s.device),
+                on_fail=self._on_worker_finished,
+            )
+        else:
+            self.summary.setText("predicting and comparing… (the network runs once per tile)")
+            s.with_predictor(
+                lambda pred: start(run_compare, pred), on_fail=self._on_worker_finished
+            )
         return self._worker
 
     def _on_worker_finished(self) -> None:

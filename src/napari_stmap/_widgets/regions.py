@@ -330,47 +330,35 @@ class RegionsWidget(QWidget):
             return None
         mpp = self.session.mpp
         if self.session.is_bins:
-            return self._recompute_bins(fps, names, kinds, mpp)
+            bins = self.session.bins
+            if bins is None:
+                text = (
+                    "a bin model gives regions from its bin prediction: press 'Predict view' first"
+                )
+                self.status.setText(text)
+                notify_info(text)
+                return None
+            self.update_btn.setEnabled(False)
+            self.status.setText(f"summing {len(fps)} regions over {bins.n} predicted bins…")
+            self._start(compute_regions_bins, bins, fps, names, kinds, mpp)
+            return self._worker
         self.update_btn.setEnabled(False)
         self.status.setText(f"computing {len(fps)} regions…")
-
-        def go(pred) -> None:
-            self._worker = self.session.run(
-                compute_regions,
-                pred,
-                fps,
-                names,
-                kinds,
-                mpp,
-                on_done=self._on_regions_computed,
-                on_finally=self._on_worker_finished,
-                what="computing regions",
-            )
-
-        self.session.with_predictor(go, on_fail=self._on_worker_finished)
+        self.session.with_predictor(
+            lambda pred: self._start(compute_regions, pred, fps, names, kinds, mpp),
+            on_fail=self._on_worker_finished,
+        )
         return self._worker
 
-    def _recompute_bins(self, fps, names, kinds, mpp):
-        bins = self.session.bins
-        if bins is None:
-            text = "a bin model gives regions from its bin prediction: press 'Predict view' first"
-            self.status.setText(text)
-            notify_info(text)
-            return None
-        self.update_btn.setEnabled(False)
-        self.status.setText(f"summing {len(fps)} regions over {bins.n} predicted bins…")
+    def _start(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in the session's worker (the button is re-enabled when it ends)."""
         self._worker = self.session.run(
-            compute_regions_bins,
-            bins,
-            fps,
-            names,
-            kinds,
-            mpp,
+            fn,
+            *args,
             on_done=self._on_regions_computed,
             on_finally=self._on_worker_finished,
             what="computing regions",
         )
-        return self._worker
 
     def _on_regions_computed(self, table: RegionTable) -> None:
         self.table_data = table
