@@ -73,7 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_her2st"))
     p.add_argument("--folds", default=",".join(SECTIONS), help="test sections, comma separated")
     p.add_argument("--models", default="pixnet,spotnet,mean,ridge")
-    p.add_argument("--genes", type=int, default=250)
+    p.add_argument("--genes", type=int, default=250, help="genes scored (top by training mean)")
+    p.add_argument(
+        "--train-genes",
+        type=int,
+        default=None,
+        help="genes the networks train on (default --genes); the scores stay on the top --genes",
+    )
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument(
@@ -113,14 +119,14 @@ def section(data: Path, name: str) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------ networks
 def run_network(arch: str, train: list, test: tuple, args, folder: Path) -> tuple[dict, object]:
     """Train ``arch`` on ``train`` and evaluate it on ``test`` at 100 µm."""
-    from napari_stmap.core.evaluate import evaluate_model
+    from napari_stmap.core.evaluate import evaluate_measured
 
     common = {"encoder": args.encoder, "mpp": args.mpp, "tile_px": args.tile_px}
     chosen = {k: v for k, v in common.items() if v is not None}
     cfg = TrainConfig(
         **{**chosen, **ARCH_DEFAULTS.get(arch, {}), **overrides(args.opt, arch)},
         arch=arch,
-        genes=f"top:{args.genes}",
+        genes=f"top:{max(args.genes, args.train_genes or 0)}",
         epochs=args.epochs,
         device=args.device,
         num_threads=args.threads,
@@ -131,9 +137,13 @@ def run_network(arch: str, train: list, test: tuple, args, folder: Path) -> tupl
     t1 = time.perf_counter()
     model = result.model
     model.metadata["path"] = str(folder / f"{arch}.safetensors")
-    ev = evaluate_model(
-        model, test[0], test[1], device=args.device, tile_px=1024, tta=not args.no_tta
+    # the top --genes of the training ranking (a prefix of any longer top-K list) are scored
+    slide = open_slide(test[0])
+    measured = load_measured(test[1], slide=slide).restrict(list(model.genes[: args.genes]))
+    ev = evaluate_measured(
+        model, slide, measured, device=args.device, tile_px=1024, tta=not args.no_tta
     )
+    ev["data"]["slide"] = str(test[0])
     ev["seconds"] = {"train": t1 - t0, "evaluate": time.perf_counter() - t1}
     ev["history"] = result.history
     return ev, model
@@ -463,7 +473,7 @@ def run_fold(test_name: str, args, which: set[str]) -> dict:
         fold[arch], model = run_network(arch, train, test, args, folder)
         pix = model if arch == "pixnet" else pix
         log.info("%s %s: %s", test_name, arch, _first(fold[arch]["scales"]))
-    genes = list(pix.genes) if pix is not None else _genes(train, args.genes)
+    genes = list(pix.genes)[: args.genes] if pix is not None else _genes(train, args.genes)
     fold.update(run_baselines(train, test, genes, which))
     if pix is not None and not args.no_maps:
         plot_maps(pix, test, fold["pixnet"], folder / f"maps_{test_name}.png")
