@@ -389,43 +389,6 @@ def test_augmentation_turns_spots_with_image(k, flip):
     )
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_free_rotation_moves_spots_with_the_image(seed):
-    """``rotate``: a tile turned by any angle keeps each disk's centre on its blob; disks the
-    turn pushes across the border are dropped; crops stay centred on their spot."""
-    from scipy.ndimage import center_of_mass, label
-
-    from napari_stmap.core.train import ScaleTable, _rotated_crop, _rotated_tile
-
-    centres = np.array([[300.0, 300.0], [330.0, 420.0], [420.0, 350.0], [250.0, 200.0]])
-
-    class Slide:
-        def read(self, origin, shape):
-            y, x = np.mgrid[origin[0] : origin[0] + shape[0], origin[1] : origin[1] + shape[1]]
-            image = np.zeros((*shape, 3), np.uint8)
-            for c in centres:
-                image[(y + 0.5 - c[0]) ** 2 + (x + 0.5 - c[1]) ** 2 < 64, 0] = 250
-            return image
-
-    ones = sp.csr_matrix(np.ones((4, 2), np.float32))
-    table = ScaleTable(
-        100.0, centres, 20.0, "disk", ones, np.ones(4, np.float32), np.ones(4), 100.0
-    )
-    rng = np.random.default_rng(seed)
-    image, idx, pts = _rotated_tile(Slide(), table, np.array([230, 230]), 256, rng)
-    assert image.shape == (256, 256, 3)
-    assert 3 not in idx  # 53 px from the original tile's corner: never inside
-    blobs, n = label(image[..., 0] > 120)
-    found = np.array(center_of_mass(image[..., 0] > 120, blobs, range(1, n + 1))) + 0.5
-    for p in pts:
-        assert np.min(np.linalg.norm(found - p, axis=1)) < 0.2
-    assert np.all((pts >= 10) & (pts <= 246))
-    # where the unturned crop puts the spot (``floor(c - 75 / 2 + 0.5)``: 37 px); the turn is
-    # about the spot's centre
-    crop = _rotated_crop(Slide(), centres[1], 75, rng)[..., 0] > 120
-    assert np.allclose(np.array(center_of_mass(crop)) + 0.5, 37.0, atol=0.2)
-
-
 def test_colour_augmentation_keeps_range():
     from napari_stmap.core.train import augment_tile
 

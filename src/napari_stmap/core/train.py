@@ -224,10 +224,6 @@ class TrainConfig:
         Keep an exponential moving average of the weights (per step, decay
         ``min(ema_decay, (1 + n) / (10 + n))`` after n updates); the saved and returned model
         is the average. 0 turns it off.
-    rotate : bool
-        Also turn every training tile or crop by a random angle in [0°, 90°) (bilinear; on
-        top of the 90° turns and flips). Tiles: disk footprints only (legacy ST, Visium);
-        square bins keep the 90° turns.
     """
 
     arch: str = "pixnet"
@@ -257,7 +253,6 @@ class TrainConfig:
     cache_mb: float = 512.0
     zscore: bool = True
     ema_decay: float = 0.98
-    rotate: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists)."""
@@ -725,14 +720,10 @@ def make_tile_batch(
         ts = slides[s]
         origin = _tile_origin(ts.anchor, i, t, rng)
         table = ts.table(bin_um)
-        if cfg.augment and cfg.rotate and table.footprint == "disk":
-            image, idx, centers = _rotated_tile(ts, table, origin, t, rng)
-        else:
-            idx = table.inside(origin, t)
-            image, centers = ts.read(origin, (t, t)), table.centers[idx] - origin
+        idx = table.inside(origin, t)
         if len(idx) > cfg.max_spots_per_tile:
-            keep = np.sort(rng.choice(len(idx), cfg.max_spots_per_tile, replace=False))
-            idx, centers = idx[keep], centers[keep]
+            idx = np.sort(rng.choice(idx, cfg.max_spots_per_tile, replace=False))
+        image, centers = ts.read(origin, (t, t)), table.centers[idx] - origin
         if cfg.augment:
             image, centers = augment_tile(image, centers, rng)
         build = disks if table.footprint == "disk" else squares
@@ -765,11 +756,8 @@ def make_spot_batch(
         ts = slides[s]
         table = ts.table(bin_um)
         j = i if table is ts.anchor else int(rng.integers(table.n))
-        if cfg.augment and cfg.rotate:
-            image = _rotated_crop(ts, table.centers[j], crop_px, rng)
-        else:
-            origin = np.floor(table.centers[j] - crop_px / 2 + 0.5).astype(np.int64)
-            image = ts.read(origin, (crop_px, crop_px))
+        origin = np.floor(table.centers[j] - crop_px / 2 + 0.5).astype(np.int64)
+        image = ts.read(origin, (crop_px, crop_px))
         if cfg.augment:
             image, _ = augment_tile(image, np.zeros((0, 2)), rng)
         images.append(image)
@@ -777,56 +765,6 @@ def make_spot_batch(
             table.targets(np.array([j]))[0] * np.float32(ref_area_um2 / table.area_um2[j])
         )
     return np.stack(images), np.stack(targets)
-
-
-def _rotate_points(points: np.ndarray, angle_deg: float, centre: np.ndarray) -> np.ndarray:
-    """(y, x) points (px; pixel i covers [i, i + 1)) turned by ``angle_deg`` about ``centre``
-    as :func:`_turn_image` turns the image."""
-    a = math.radians(angle_deg)
-    d = np.asarray(points, dtype=float) - centre
-    cos, sin = math.cos(a), math.sin(a)
-    return np.stack([d[:, 0] * cos - d[:, 1] * sin, d[:, 0] * sin + d[:, 1] * cos], axis=1) + centre
-
-
-def _turn_image(image: np.ndarray, angle_deg: float, centre: np.ndarray) -> np.ndarray:
-    """(h, w, 3) image turned by ``angle_deg`` about ``centre`` (y, x px), bilinear."""
-    from scipy.ndimage import affine_transform
-
-    a = math.radians(angle_deg)
-    cos, sin = math.cos(a), math.sin(a)
-    inverse = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])  # output -> input
-    p = np.array([centre[0] - 0.5, centre[1] - 0.5, 0.0])  # index coordinates
-    return affine_transform(image, inverse, offset=p - inverse @ p, order=1, mode="nearest")
-
-
-def _rotated_tile(ts: TrainSlide, table: ScaleTable, origin: np.ndarray, t: int, rng):
-    """The tile at ``origin`` turned by a random angle in [0°, 90°) about its centre.
-
-    Disk footprints only (a turned disk is the same disk; squares would need turned footprints).
-    Returns the (t, t, 3) image, the units whose footprint lies fully inside it after the turn
-    and their centres in tile px (y, x).
-    """
-    off = int(math.ceil(t * (math.sqrt(2) - 1) / 2)) + 1
-    outer = np.asarray(origin) - off
-    big, angle = t + 2 * off, float(rng.uniform(0, 90))
-    centre = np.array([big / 2, big / 2])
-    image = _turn_image(ts.read(outer, (big, big)), angle, centre)
-    idx = table.inside(outer, big)
-    centers = _rotate_points(table.centers[idx] - outer, angle, centre) - off
-    h = table.size / 2
-    ok = np.all((centers - h >= 0) & (centers + h <= t), axis=1)
-    return np.ascontiguousarray(image[off : off + t, off : off + t]), idx[ok], centers[ok]
-
-
-def _rotated_crop(ts: TrainSlide, centre: np.ndarray, crop_px: int, rng: np.random.Generator):
-    """(crop, crop, 3) uint8 crop of the spot at ``centre`` (model px, y x), placed as the
-    unturned crop places it and turned about the spot's centre by a random angle in [0°, 90°)
-    (the 90° turns come from :func:`augment_tile`)."""
-    off = int(math.ceil(crop_px * (math.sqrt(2) - 1) / 2)) + 1
-    origin = np.floor(centre - crop_px / 2 + 0.5).astype(np.int64) - off
-    big = crop_px + 2 * off
-    image = _turn_image(ts.read(origin, (big, big)), float(rng.uniform(0, 90)), centre - origin)
-    return np.ascontiguousarray(image[off : off + crop_px, off : off + crop_px])
 
 
 # -------------------------------------------------------------------------------------- loss
