@@ -289,7 +289,7 @@ def noise_ceiling(measured, genes: list[str], splits: int = 8, seed: int = 0) ->
     import scipy.sparse as sp
 
     from napari_stmap.core.aggregate import normalize_expression
-    from napari_stmap.core.metrics import pearson_per_gene
+    from napari_stmap.core.metrics import pearson_per_gene, summarize
 
     m = measured.restrict(genes)
     counts = m.spots.counts
@@ -307,30 +307,17 @@ def noise_ceiling(measured, genes: list[str], splits: int = 8, seed: int = 0) ->
         b = normalize_expression(other[ok].astype(float), tb[ok].astype(float))
         rs.append(pearson_per_gene(a, b))
     r = np.nanmean(np.array(rs), axis=0)
-    ceiling = np.sqrt(np.clip(2 * r / (1 + r), 0.0, 1.0))
-    ceiling[~np.isfinite(r)] = np.nan
-    fin = ceiling[np.isfinite(ceiling)]
-    q = lambda v: float(np.quantile(fin, v)) if fin.size else None  # noqa: E731
+    ceiling = np.where(np.isfinite(r), np.sqrt(np.clip(2 * r / (1 + r), 0.0, 1.0)), np.nan)
+    stats = summarize(ceiling)
     key = scale_key(m.base_um)
-    return {
-        "scales": {
-            key: {
-                "pcc_f": q(0.25),
-                "pcc_s": q(0.5),
-                "pcc_m": float(fin.mean()) if fin.size else None,
-                "mse": None,
-                "mae": None,
-                "n_spots": int(counts.shape[0]),
-                "n_genes": int(fin.size),
-            }
-        },
-        "genes": {
-            key: {
-                g: (float(c) if np.isfinite(c) else None)
-                for g, c in zip(genes, ceiling, strict=True)
-            }
-        },
+    entry = {
+        k: (stats[k] if math.isfinite(stats[k]) else None) for k in ("pcc_f", "pcc_s", "pcc_m")
     }
+    entry.update(mse=None, mae=None, n_spots=int(counts.shape[0]), n_genes=stats["n_genes"])
+    per_gene = {
+        g: (float(c) if np.isfinite(c) else None) for g, c in zip(genes, ceiling, strict=True)
+    }
+    return {"scales": {key: entry}, "genes": {key: per_gene}}
 
 
 def score(pred_counts: np.ndarray, measured, genes: list[str], factor: float) -> dict:
