@@ -98,14 +98,14 @@ def cmd_predict(args) -> int:
         if not slide.exists():
             msg = f"{slide}: slide not found; check the path"
             raise StmapInputError(msg)
-    for _, out in pairs:
-        out.parent.mkdir(parents=True, exist_ok=True)
     slides = [open_slide(s, mpp=args.mpp) for s, _ in pairs]
     options = {"tissue": not args.all_tiles}
     if args.tile_px:
         options["tile_px"] = args.tile_px
-    if args.region:
-        options["region"] = tuple(args.region)
+    if args.region:  # before anything is written
+        options["region"] = _region_on_slides(args.region, slides, [s for s, _ in pairs])
+    for _, out in pairs:
+        out.parent.mkdir(parents=True, exist_ok=True)
     with _progress("predict", unit="tile") as progress:
         stores = predict_cohort(
             [(s, o) for s, (_, o) in zip(slides, pairs, strict=True)],
@@ -120,6 +120,19 @@ def cmd_predict(args) -> int:
         c = store.counts()
         print(f"{store.path}: {c['done']} tiles done, {c['skipped']} off tissue, {c['todo']} to do")
     return 0
+
+
+def _region_on_slides(region, slides, paths) -> tuple[float, float, float, float]:
+    """``--region`` checked against every slide (refused off a slide, warned when clipped).
+
+    Returns the box as given: the engine only predicts the tiles on the slide anyway, and
+    one box serves all slides of a cohort.
+    """
+    from .core.extent import check_box_on_slide
+
+    for slide, path in zip(slides, paths, strict=True):
+        check_box_on_slide(region, slide.shape_yx, what="--region", slide=str(path))
+    return tuple(float(v) for v in region)
 
 
 # -------------------------------------------------------------------------------- aggregate
@@ -158,13 +171,18 @@ def cmd_aggregate(args) -> int:
     """``stmap aggregate --pred STORE (--shapes F | --grid UM) --out OUT``."""
     from .cli import _progress
     from .core.export import _target
+    from .core.extent import check_regions_on_slide
     from .core.regions import aggregate_store, read_geojson
     from .core.store import open_store
 
     _target(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
     store = open_store(args.pred, mode="r")
     mpp = float(store.meta["slide"]["mpp"])
-    regions = read_geojson(args.shapes) if args.shapes else _grid_regions(args, store, mpp)
+    if args.shapes:
+        regions = read_geojson(args.shapes)
+        check_regions_on_slide(regions, store.meta["slide"]["shape_yx"], source=str(args.shapes))
+    else:
+        regions = _grid_regions(args, store, mpp)
     fps = [fp for r in regions for fp, _ in r.parts]
     signs = [s for r in regions for _, s in r.parts]
     groups = [k for k, r in enumerate(regions) for _ in r.parts]

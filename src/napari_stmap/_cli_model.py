@@ -401,23 +401,26 @@ def cmd_evaluate(args) -> int:
     """``stmap evaluate --model M --slide S --spots P --json OUT.json``."""
     import torch
 
+    from .cli import _progress
     from .core.evaluate import evaluate_model, format_table
     from .core.train import available_threads, check_device
 
     check_device(args.device)
     torch.set_num_threads(int(args.threads or available_threads()))
-    result = evaluate_model(
-        args.model,
-        args.slide,
-        args.spots,
-        args.bin_um,
-        slide_mpp=args.mpp,
-        truth=args.truth,
-        top_k=args.top_k,
-        device=args.device,
-        tile_px=args.tile_px,
-        tta=args.tta,
-    )
+    with _progress("evaluate (TTA x8)" if args.tta else "evaluate", unit="spot") as progress:
+        result = evaluate_model(
+            args.model,
+            args.slide,
+            args.spots,
+            args.bin_um,
+            slide_mpp=args.mpp,
+            truth=args.truth,
+            top_k=args.top_k,
+            device=args.device,
+            tile_px=args.tile_px,
+            tta=args.tta,
+            progress=progress,
+        )
     args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {args.json}")

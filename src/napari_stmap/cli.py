@@ -20,16 +20,17 @@ from .core.errors import StmapInputError
 logger = logging.getLogger("napari_stmap")
 
 EXIT_USAGE = 2
+_VERBOSE_HELP = "log progress details and set-up notes"
+#: Names (genes) ``stmap info`` prints before "... (N in all)".
+_INFO_NAMES = 10
+_INFO_LABELS = {"todo": "to do"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stmap``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="stmap: %(message)s"
-    )
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings become our errors
+    _configure_logging(bool(args.verbose))
     warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
@@ -46,6 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Warnings only; ``-v``: INFO from every library and DEBUG from napari-stmap itself.
+
+    napari-stmap's set-up notes (e.g. the torchvision workaround of
+    :mod:`napari_stmap.core.model._torchvision_compat`) are DEBUG: shown with ``-v`` only.
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="stmap: %(message)s"
+    )
+    logging.getLogger("napari_stmap").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings become our errors
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"stmap: warning: {message}", file=sys.stderr)
 
@@ -57,21 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict spatial gene expression from H&E slides (napari-stmap).",
     )
     parser.add_argument("--version", action="version", version=f"napari-stmap {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _subcommands():
         register(sub)
+    for command in sub.choices.values():  # `stmap predict -v ...` as well as `stmap -v predict`
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
+        )
     return parser
 
 
 def _add_info(sub) -> None:
     p = sub.add_parser(
         "info",
-        help="describe a slide or measured spots/bins",
-        description="Describe a slide (size, levels, µm/px) or measured "
-        "spots/bins (Space Ranger outs, binned_outputs, .h5ad).",
+        help="describe a slide, measured spots/bins or a prediction store",
+        description="Describe a slide (size, levels, µm/px), measured "
+        "spots/bins (Space Ranger outs, binned_outputs, .h5ad) or a prediction store "
+        "(model, slide, tiles done / off tissue / to do, µm/px, stride, genes).",
     )
-    p.add_argument("path", type=Path, help="slide file, Space Ranger folder or .h5ad")
+    p.add_argument(
+        "path", type=Path, help="slide file, Space Ranger folder, .h5ad or prediction store"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--bin-um", type=float, default=None, help="Visium HD bin size to describe")
@@ -88,8 +109,20 @@ def cmd_info(args) -> int:
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {_info_text(value)}")
     return 0
+
+
+def _info_text(value) -> str:
+    """One ``stmap info`` value as text: dicts as ``key value, ...``; long name lists cut."""
+    if isinstance(value, dict):
+        return ", ".join(
+            f"{v} {_INFO_LABELS.get(k, k.replace('_', ' '))}" for k, v in value.items()
+        )
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        shown = ", ".join(value[:_INFO_NAMES])
+        return shown if len(value) <= _INFO_NAMES else f"{shown}, ... ({len(value)} in all)"
+    return str(value)
 
 
 def _add_synth(sub) -> None:

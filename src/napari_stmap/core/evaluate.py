@@ -407,7 +407,13 @@ def depth_factors(densities: Sequence[float]) -> tuple[float, list[float]]:
 
 # ------------------------------------------------------------------------------ prediction
 def predict_units(
-    model: Any, slide: Any, measured: Measured, units: dict[str, Units], **kw: Any
+    model: Any,
+    slide: Any,
+    measured: Measured,
+    units: dict[str, Units],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **kw: Any,
 ) -> dict[str, np.ndarray]:
     """Predicted counts of every scale's units, as :func:`evaluate_measured` scores them.
 
@@ -419,6 +425,9 @@ def predict_units(
         The measured section's slide.
     measured, units
         :func:`load_measured`'s result and its ``units`` per scale key (µm, ``scale_key``).
+    progress : callable, optional
+        ``progress(done, total)`` in spots over every prediction this makes (the summed
+        scales' base bins once, then each other scale's units), ``total`` known from the start.
     **kw
         :func:`~napari_stmap.core.predict_dense.predict_spots` options (``device``,
         ``tile_px``, ``batch_size``, ``tta``).
@@ -434,17 +443,41 @@ def predict_units(
 
     out: dict[str, np.ndarray] = {}
     summed = {k: u for k, u in units.items() if u.members is not None}
+    used = None
     if model.input_kind == "dense" and summed:
         used = np.unique(np.concatenate([u.members.indices for u in summed.values()]))
+    rest = [k for k in units if used is None or k not in summed]
+    steps = _Steps(progress, (0 if used is None else len(used)) + sum(units[k].n for k in rest))
+    if used is not None:
         base = measured.spots.subset(used)
-        pred_used = predict_spots(model, slide, base, **kw)
+        pred_used = predict_spots(model, slide, base, progress=steps.part(len(used)), **kw)
         pred_base = np.zeros((measured.spots.n_spots, model.num_outputs))
         pred_base[used] = pred_used
         out = {k: np.asarray(u.members @ pred_base) for k, u in summed.items()}
-    for k, u in units.items():
-        if k not in out:
-            out[k] = predict_spots(model, slide, _unit_spots(u), **kw)
+    for k in rest:
+        spots = _unit_spots(units[k])
+        out[k] = predict_spots(model, slide, spots, progress=steps.part(units[k].n), **kw)
     return out
+
+
+class _Steps:
+    """One running ``progress(done, total)`` over consecutive parts of known sizes (spots)."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.progress, self.total, self.before = progress, int(total), 0
+        if progress is not None:
+            progress(0, self.total)  # the total is known before the first (slow) part
+
+    def part(self, n: int) -> Callable[[int, int], None] | None:
+        """Callback for the next part of ``n`` spots (its own ``(done, n)`` counts)."""
+        if self.progress is None:
+            return None
+        before, self.before = self.before, self.before + int(n)
+
+        def step(done: int, of: int) -> None:
+            self.progress(before + min(done, n), self.total)
+
+        return step
 
 
 @dataclass
@@ -532,6 +565,7 @@ def evaluate_measured(
     batch_size: int = 4,
     tta: bool = False,
     predict: Callable[[Measured, dict[str, Units]], dict[str, np.ndarray]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on measured units at several scales.
 
@@ -556,6 +590,9 @@ def evaluate_measured(
         ``predict(measured, units) -> {key: (n, G_model + 1) counts}``: predictions of the
         units to score instead of running the model (e.g. from the viewer's prediction store,
         so the network does not run twice); ``model`` then only gives genes and metadata.
+    progress : callable, optional
+        ``progress(done, total)`` in spots while the model predicts (see
+        :func:`predict_units`); not called when ``predict`` is given.
 
     Returns
     -------
@@ -577,7 +614,7 @@ def evaluate_measured(
     if predict is not None:
         preds = predict(meas, units)
     else:
-        preds = predict_units(model, slide, meas, units, **kw)
+        preds = predict_units(model, slide, meas, units, progress=progress, **kw)
     factor = _test_factor(model, meas, units)
     result = _skeleton()
     for key, u in units.items():

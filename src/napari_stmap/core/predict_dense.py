@@ -349,7 +349,9 @@ def predict_spots(
         Dense models: spots are grouped by centre into squares of this many model px and each
         group's bounding box is predicted with :func:`predict_map` separately (bounded memory).
     progress : callable, optional
-        ``progress(done, total)`` over chunks (dense) or batches (spot).
+        ``progress(done, total)`` in spots: the spots predicted so far (dense: in proportion
+        to the tiles done of the current chunk; spot: after each batch of crops) of all
+        ``total`` spots; ``done`` ends at ``total``.
     tta : bool
         Average the embedding over the 8 turns and flips (of each tile or crop).
 
@@ -371,7 +373,8 @@ def predict_spots(
     if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
         from napari_stmap.core.model.magnet import predict_footprints
 
-        kw = {"device": device, "batch_size": batch_size, "progress": progress, "tta": tta}
+        step = None if progress is None else _in_spots(progress, 0, len(fps), len(fps))
+        kw = {"device": device, "batch_size": batch_size, "progress": step, "tta": tta}
         return predict_footprints(model, slide, fps, **kw)
     msg = f"model input_kind {kind!r} is not supported; expected 'dense', 'spot' or 'bins'"
     raise StmapInputError(msg)
@@ -390,16 +393,39 @@ def _dense_spots(
     keys, group = np.unique(cell, axis=0, return_inverse=True)
     group = group.ravel()
     out = np.zeros((len(fps), model.num_outputs), dtype=np.float64)
+    before = 0
     for k in range(len(keys)):
         idx = np.flatnonzero(group == k)
         bbox = (*boxes[idx, :2].min(axis=0), *boxes[idx, 2:].max(axis=0))
+        step = None if progress is None else _in_spots(progress, before, len(idx), len(fps))
         chunk, grid = predict_map(
-            model, slide, bbox, tile_px=tile_px, device=device, batch_size=batch_size, tta=tta
+            model,
+            slide,
+            bbox,
+            tile_px=tile_px,
+            device=device,
+            batch_size=batch_size,
+            tta=tta,
+            progress=step,
         )
         out[idx] = aggregate(chunk, grid, weight_matrix([fps[i] for i in idx], grid))
-        if progress is not None:
-            progress(k + 1, len(keys))
+        before += len(idx)
     return out
+
+
+def _in_spots(
+    progress: Callable[[int, int], None], before: int, n: int, total: int
+) -> Callable[[int, int], None]:
+    """``progress(done, total)`` of a part holding ``n`` of ``total`` spots, in spots.
+
+    The part's own ``(done, of)`` (tiles, batches, chunks) is turned into
+    ``before + round(n · done / of)`` spots done.
+    """
+
+    def step(done: int, of: int) -> None:
+        progress(before + round(n * done / max(of, 1)), total)
+
+    return step
 
 
 def spot_area_ratio(model: Any, areas_um2: np.ndarray) -> np.ndarray:
@@ -439,5 +465,5 @@ def _crop_spots(model, slide, fps, device, batch_size, progress, tta=False) -> n
             y = model.head(dihedral_embed(model, x)) if tta else model(x)
             out[sel] = y.double().cpu().numpy()
         if progress is not None:
-            progress(b + 1, n_batches)
+            progress(min((b + 1) * batch_size, len(fps)), len(fps))
     return out * spot_area_ratio(model, areas)[:, None]

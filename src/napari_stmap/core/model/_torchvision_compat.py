@@ -74,7 +74,7 @@ def import_timm() -> ModuleType:
     except RuntimeError as exc:
         if not _is_missing_torchvision_op(exc):
             raise
-        _logger.warning(
+        _logger.debug(  # set-up noise: nothing napari-stmap uses is affected
             "torchvision's C++ extension does not match torch (%s); registering placeholder "
             "torchvision::nms/qnms schemas so that timm can be imported. torchvision.ops "
             "detection functions will not work; install a torchvision built for this torch "
