@@ -34,30 +34,26 @@ def small_sample(tmp_path_factory):
 
 @pytest.fixture
 def docks(qtbot, tmp_path):
+    """A viewer with the five docks opened the way napari's Plugins menu opens them."""
     pytest.importorskip("napari")
     import napari
 
     from napari_stmap._widgets._session import get_session
-    from napari_stmap._widgets.compare import CompareWidget
-    from napari_stmap._widgets.genes import GenesWidget
-    from napari_stmap._widgets.predict import PredictWidget
-    from napari_stmap._widgets.regions import RegionsWidget
-    from napari_stmap._widgets.slide_data import SlideDataWidget
 
     viewer = napari.Viewer(show=False)
-    session = get_session(viewer)
-    session.store_root = tmp_path / "stores"
-    out = {"viewer": viewer, "session": session}
-    for key, cls in [
-        ("data", SlideDataWidget),
-        ("predict", PredictWidget),
-        ("genes", GenesWidget),
-        ("regions", RegionsWidget),
-        ("compare", CompareWidget),
+    out = {"viewer": viewer}
+    for key, name in [
+        ("data", "Slide & data"),
+        ("predict", "Predict"),
+        ("genes", "Genes"),
+        ("regions", "Regions"),
+        ("compare", "Compare"),
     ]:
-        out[key] = cls(viewer)
-        viewer.window.add_dock_widget(out[key], name=key)
+        _dock, out[key] = viewer.window.add_plugin_dock_widget("napari-stmap", name)
+    session = get_session(viewer)
+    assert all(out[k].session is session for k in ("data", "predict", "genes", "regions"))
+    session.store_root = tmp_path / "stores"
+    out["session"] = session
     yield out
     session.close()
-    if hasattr(viewer.window, "_qt_window"):
-        viewer.close()
+    viewer.close()

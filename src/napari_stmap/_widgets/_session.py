@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import queue
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,30 @@ def notify_info(text: str) -> None:
     show_info(f"napari-stmap: {text}")
 
 
-def get_session(viewer) -> Session:
-    """The session of ``viewer`` (created on first use, shared by all docks)."""
-    key = id(viewer)
+def viewer_key(viewer) -> int:
+    """A key that is the same for a viewer and every proxy of it napari hands to plugins.
+
+    napari gives each plugin dock its own ``PublicOnlyProxy`` of the viewer, so ``id()``
+    differs from dock to dock; the proxy forwards ``hash()``, and a napari viewer's hash is
+    its identity (``ViewerModel.__hash__``).
+    """
+    return hash(viewer)
+
+
+def get_session(viewer, widget=None) -> Session:
+    """The session of ``viewer`` (created on first use, shared by all docks).
+
+    ``widget``: the dock asking; the session watches the main window it is docked in (found
+    through Qt's parent chain of the dock, not through napari's private window) and closes
+    when that window closes.
+    """
+    key = viewer_key(viewer)
     session = _SESSIONS.get(key)
     if session is None or session.closed:
         session = Session(viewer)
         _SESSIONS[key] = session
+    if widget is not None:
+        session.attach(widget)
     return session
 
 
@@ -116,6 +134,49 @@ def freeze_startup_objects() -> None:
         logger.debug("napari-stmap: %d objects frozen out of the GC", gc.get_freeze_count())
 
 
+_SUPERQT_SHOWWARNING = "WorkerBase.run.<locals>.<lambda>"
+
+
+class _WarningHookGuard:
+    """Undo superqt's thread-unsafe ``warnings.showwarning`` swap once our workers are done.
+
+    Each superqt worker sets ``warnings.showwarning`` to a lambda holding the worker inside
+    ``warnings.catch_warnings()``; two workers that overlap restore each other's hooks in the
+    wrong order, so the module ``warnings`` keeps the last lambda, and through it the worker,
+    its callbacks, the session and the closed viewer (a leak measured by napari's own
+    ``make_napari_viewer`` check). When the last of our workers has finished, a hook still
+    pointing at a worker is replaced by the one that was there before our first worker.
+    """
+
+    def __init__(self) -> None:
+        self._saved = None
+
+    def before_start(self, running: int) -> None:
+        hook = warnings.showwarning
+        if running == 0 and getattr(hook, "__qualname__", "") != _SUPERQT_SHOWWARNING:
+            self._saved = hook
+
+    def after_finish(self, running: int) -> None:
+        hook = warnings.showwarning
+        stale = getattr(hook, "__qualname__", "") == _SUPERQT_SHOWWARNING
+        if running == 0 and stale and self._saved is not None:
+            warnings.showwarning = self._saved
+
+
+_HOOK_GUARD = _WarningHookGuard()
+
+
+def unfreeze_startup_objects() -> None:
+    """Give the frozen objects back to the garbage collector (when a session closes).
+
+    Otherwise a closed viewer that sits in a reference cycle frozen by
+    :func:`freeze_startup_objects` would never be freed.
+    """
+    if _GC_FROZEN[0]:
+        _GC_FROZEN[0] = False
+        gc.unfreeze()
+
+
 def gui_threads() -> int:
     """Torch CPU threads for the network in the viewer: all cores but one (at least 1).
 
@@ -141,9 +202,7 @@ def viewport_bbox_px(viewer, mpp: float, shape_yx: Sequence[int]) -> tuple[float
     None when the view does not overlap the slide.
     """
     cam = camera_of(viewer)
-    canvas = getattr(viewer, "canvas", None)
-    size = getattr(canvas, "size", None) if canvas is not None else None
-    h, w = (float(v) for v in (size if size is not None else viewer._canvas_size))
+    h, w = (float(v) for v in viewer.canvas.size)
     zoom = float(cam.zoom) or 1.0
     cy, cx = (float(v) for v in cam.center[-2:])
     hy, hx = h / zoom / 2, w / zoom / 2
@@ -154,13 +213,42 @@ def viewport_bbox_px(viewer, mpp: float, shape_yx: Sequence[int]) -> tuple[float
     return (y0, x0, y1, x1)
 
 
+class _DockWatcher(QObject):
+    """Event filter on a dock and its Qt ancestors: finds the main window it ends up in.
+
+    napari wraps a plugin widget in a ``QDockWidget`` and then docks that in its main window,
+    so the widget's own parent changes before it reaches the window: every ancestor is
+    watched for parent changes until the top is a main window, which the session watches.
+    """
+
+    def __init__(self, session: Session, widget) -> None:
+        super().__init__(widget)
+        self._session = session
+        self._follow()
+
+    def _follow(self) -> None:
+        # no Python references to the ancestors: napari keeps finished workers (and so, via
+        # their closures, the docks) alive as long as its window object lives
+        widget = self.parent()
+        node = widget
+        while node is not None:
+            node.installEventFilter(self)  # installing twice keeps one filter
+            node = node.parentWidget()
+        self._session.watch_window(widget.window())
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
+        if event.type() in (QEvent.Type.ParentChange, QEvent.Type.Show):
+            with contextlib.suppress(RuntimeError):  # widget deleted meanwhile
+                self._follow()
+        return False
+
+
 class _CloseWatcher(QObject):
     """Event filter on the main window: tears the session down when the window closes."""
 
     def __init__(self, session: Session, window) -> None:
         super().__init__(window)
         self._session = session
-        self._window = window
 
     def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
         if event.type() == QEvent.Type.Close:
@@ -172,11 +260,18 @@ class _CloseWatcher(QObject):
 
     def _on_window_maybe_closed(self) -> None:
         try:
-            visible = self._window.isVisible()
+            window = self.parent()
+            visible = window is not None and window.isVisible()
         except RuntimeError:  # already deleted
             visible = False
         if not visible:
             self._session.close()
+
+
+class _ClosedViewer:
+    """What a closed session's ``viewer`` is: no layers, and not the viewer it served."""
+
+    layers: tuple = ()
 
 
 class Session(QObject):
@@ -233,12 +328,24 @@ class Session(QObject):
         self._timer.setInterval(self.POLL_MS)
         self._timer.timeout.connect(self._on_timer_tick)
         self._timer.start()
+        self._windows: set[int] = set()  # ids of the main windows watched (usually one)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
-        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-        if window is not None:
-            self._watcher = _CloseWatcher(self, window)
-            window.installEventFilter(self._watcher)
-            window.destroyed.connect(self.close)
+
+    # --- lifetime --------------------------------------------------------------------------
+    def attach(self, widget) -> None:
+        """Watch the main window ``widget`` (a dock) sits in, now or once it is docked."""
+        _DockWatcher(self, widget)  # a child of the widget: lives and dies with it
+
+    def watch_window(self, window) -> None:
+        """Close the session when ``window`` (a top-level Qt window holding a dock) closes."""
+        if self.closed or window is None or window.parent() is not None:
+            return
+        if not hasattr(window, "addDockWidget") or id(window) in self._windows:
+            return  # not docked yet (the dock is its own window), or already watched
+        self._windows.add(id(window))  # ids only: no reference that keeps a closed window
+        watcher = _CloseWatcher(self, window)
+        window.installEventFilter(watcher)
+        window.destroyed.connect(self.close)
 
     # --- description ---------------------------------------------------------------------
     @property
@@ -331,6 +438,7 @@ class Session(QObject):
         from napari.qt.threading import create_worker
 
         worker = create_worker(fn, *args, _progress=progress or False, _ignore_errors=True)
+        _HOOK_GUARD.before_start(len(self._workers))
         self._workers.add(worker)
         state = {"error": None}
 
@@ -352,6 +460,7 @@ class Session(QObject):
 
         def _on_finished() -> None:
             self._workers.discard(worker)
+            _HOOK_GUARD.after_finish(len(self._workers))
             if on_finally is not None:
                 try:
                     on_finally()
@@ -620,7 +729,12 @@ class Session(QObject):
         from ..core.engine import shutdown_io_pool
 
         shutdown_io_pool()
-        _SESSIONS.pop(id(self.viewer), None)
+        _SESSIONS.pop(viewer_key(self.viewer), None)
+        # napari keeps every finished worker of a window (its task-status list), and the
+        # workers' closures keep this session: let go of the viewer and its window here
+        self._windows.clear()
+        self.viewer = _ClosedViewer()
+        unfreeze_startup_objects()
         logger.debug("napari-stmap session closed")
 
 

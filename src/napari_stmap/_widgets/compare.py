@@ -205,7 +205,7 @@ class CompareWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = get_session(napari_viewer, self)
         self.data: CompareResult | None = None
         self._worker = None
         self._build()

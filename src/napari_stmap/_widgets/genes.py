@@ -119,17 +119,14 @@ def raster_contrast(data) -> tuple[float, float] | None:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def refresh_live_layer(layer) -> None:
-    """Read ``layer`` (a live heatmap) again, thumbnail and coarsest level included.
+def refresh_live_layer(layer, arrays) -> None:
+    """Read ``layer`` (a live heatmap over the pyramid ``arrays``) again, coarsest level included.
 
     napari (0.9) keeps the coarsest level of a 2-D multiscale layer, read once per data object,
-    for the thumbnail and for the view when zoomed out that far; drop it so both show the
-    blocks computed since.
+    for the thumbnail and for the view when zoomed out that far. Setting the data again (the
+    same lazy arrays; public API) drops that copy, so both show the blocks computed since.
     """
-    clear = getattr(getattr(layer, "_level_materializer", None), "cache_clear", None)
-    if clear is not None:
-        clear()
-    layer.refresh()
+    layer.data = arrays
 
 
 def contrast_from_view(view) -> tuple[float, float] | None:
@@ -156,7 +153,7 @@ class GenesWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = get_session(napari_viewer, self)
         self.mode = "normalised"
         self._contrast_workers: dict[str, object] = {}
         self.views: dict[str, object] = {}  # layer name -> LiveGeneView
@@ -554,7 +551,7 @@ class GenesWidget(QWidget):
             if layer is not None:
                 self._last_refresh[name] = now
                 self.refreshes += 1
-                refresh_live_layer(layer)
+                refresh_live_layer(layer, view.arrays)
 
     def _on_session_changed(self, what: str) -> None:
         if what == "model":

@@ -69,7 +69,7 @@ class PredictWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = get_session(napari_viewer, self)
         self.pbar = None  # napari progress bar while tiles are pending
         self.bins_worker = None  # worker predicting a bin model
         self._bins_cancel = threading.Event()

@@ -11,6 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
+from napari.layers import Image
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
@@ -61,8 +62,9 @@ class SlideDataWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = get_session(napari_viewer, self)
         self._adding_slide_layer = False
+        self._reading_spots = False
         self._build()
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -129,7 +131,7 @@ class SlideDataWidget(QWidget):
         return [
             layer
             for layer in self.viewer.layers
-            if layer._type_string == "image"
+            if isinstance(layer, Image)
             and (layer.metadata.get("stmap") or {}).get("kind") == "slide"
         ]
 
@@ -144,6 +146,20 @@ class SlideDataWidget(QWidget):
         self.slide_combo.blockSignals(False)
         if self.session.slide is None and names and not self._adding_slide_layer:
             self.use_slide_layer(names[0])  # a slide layer from napari's reader
+        self._use_opened_spots()
+
+    def _use_opened_spots(self) -> None:
+        """Use measured bins that napari's reader opened (File > Open Folder), if none yet."""
+        if self.session.spots is not None or self._reading_spots:
+            return
+        for layer in self.viewer.layers:
+            meta = layer.metadata.get("stmap") or {}
+            if meta.get("kind") == "spots" and meta.get("source") and layer.name != MEASURED_LAYER:
+                source = Path(meta["source"])
+                if source.parent.name == "binned_outputs":  # Visium HD: every bin size
+                    source = source.parent.parent
+                self.load_spots(source, bin_um=meta.get("bin_um"), show=False)
+                return
 
     def _on_slide_combo_activated(self, index: int) -> None:
         self.use_slide_layer(self.slide_combo.itemText(index))
@@ -222,8 +238,11 @@ class SlideDataWidget(QWidget):
         if self.session.spots_path is not None:
             self.load_spots(self.session.spots_path, bin_um=float(self.bin_combo.itemData(index)))
 
-    def load_spots(self, path: str | Path, bin_um: float | None = None):
-        """Read measured spots/bins (worker), show them as a layer; returns the worker."""
+    def load_spots(self, path: str | Path, bin_um: float | None = None, *, show: bool = True):
+        """Read measured spots/bins (worker), show them as a layer; returns the worker.
+
+        ``show=False``: the bins are on screen already (a layer from napari's reader).
+        """
         path = str(path)
         try:
             sizes = _bin_sizes(path)
@@ -239,12 +258,14 @@ class SlideDataWidget(QWidget):
             self.bin_combo.setCurrentIndex(sizes.index(bin_um) if bin_um in sizes else 0)
         self.bin_combo.setEnabled(bool(sizes))
         self._set_enabled(False)
+        self._reading_spots = True
 
         def done(result) -> None:
             spots, texts = result
             for text in texts:
                 notify_warning(text)
-            self._show_spots(spots)
+            if show:
+                self._show_spots(spots)
             self.session.set_spots(spots, path)
             self._check_overlap()
 
@@ -254,9 +275,13 @@ class SlideDataWidget(QWidget):
             bin_um,
             self.session.slide,
             on_done=done,
-            on_finally=lambda: self._set_enabled(True),
+            on_finally=self._on_spots_read,
             what="reading the measured data",
         )
+
+    def _on_spots_read(self) -> None:
+        self._reading_spots = False
+        self._set_enabled(True)
 
     def _show_spots(self, spots) -> None:
         from .._layers import spots_layer
