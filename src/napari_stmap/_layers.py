@@ -4,6 +4,12 @@ No napari import here: the tuples are plain data, so the reader, the sample data
 share them and tests can check them without a viewer. The world is in µm: a layer of a slide
 with ``mpp`` µm/px gets ``scale=(mpp, mpp)``. When µm/px is unknown the world falls back to
 level-0 px (``mpp = 1``) and the layer metadata says so.
+
+Shapes of regions (GeoJSON from QuPath, drawn regions) keep their data in level-0 px (y, x)
+with ``scale=(mpp, mpp)`` and ``metadata["stmap"] = {"kind": "regions", "units": "px", ...}``:
+a reader of shapes does not know the slide, so it uses the µm/px of the slide most recently
+opened through napari-stmap (:func:`slide_mpp_hint`) and :func:`align_shapes_to_slide` re-scales
+the layer once the slide is known.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from .core.regions import Annotation
     from .core.slide import Slide
     from .core.spots import Spots
 
@@ -20,6 +27,21 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 #: Spots per layer above which measured bins on a regular grid are shown as a raster.
 RASTER_MIN_SPOTS = 5000
+#: Edge colour of regions without a class (the Regions dock draws in it too), and as 0–255 RGB.
+REGION_COLOR = "#00e5ff"
+REGION_RGB = (0x00, 0xE5, 0xFF)
+
+#: µm/px and whether it is known, of the slide whose layer was made last (see slide_mpp_hint).
+_SLIDE_HINT: dict[str, Any] = {}
+
+
+def slide_mpp_hint() -> tuple[float, bool]:
+    """(µm/px, known) of the slide opened last through napari-stmap; (1.0, False) before any.
+
+    Readers of files in level-0 px that do not name their slide (GeoJSON shapes) scale their
+    layers with it, so that they sit on that slide in a world in µm.
+    """
+    return float(_SLIDE_HINT.get("mpp", 1.0)), bool(_SLIDE_HINT.get("known", False))
 
 
 def slide_layer(slide: Slide, *, name: str | None = None) -> LayerData:
@@ -41,7 +63,88 @@ def slide_layer(slide: Slide, *, name: str | None = None) -> LayerData:
         "metadata": meta,
     }
     data = list(slide.levels) if slide.n_levels > 1 else slide.levels[0]
+    _SLIDE_HINT.update(mpp=float(slide.mpp), known=slide.mpp_source != "fallback")
     return data, kwargs, "image"
+
+
+def annotations_layer(
+    annotations: list[Annotation], *, name: str, source: str | None = None
+) -> LayerData:
+    """Shapes layer of GeoJSON annotations: data level-0 px (y, x), ``scale=(mpp, mpp)``.
+
+    ``mpp`` is :func:`slide_mpp_hint`. One shape per ring: a part of an annotation is its own
+    shape and a hole too, tied together by the features ``feature`` (the annotation's index)
+    and ``hole`` (True for a hole, drawn with half the edge width); ``name`` and
+    ``classification`` are the annotation's. The edge colour is the class colour
+    (:data:`REGION_COLOR` without one); faces are transparent. New shapes drawn in the layer get
+    ``feature = -1``: each a region of its own.
+    """
+    from .core.regions import footprint_shape
+
+    mpp, known = slide_mpp_hint()
+    data, types, rows, colors = [], [], [], []
+    for index, ann in enumerate(annotations):
+        rgba = _rgba(ann.color)
+        for poly in ann.polygons:
+            for k, fp in enumerate(poly):
+                kind, vertices = footprint_shape(fp)
+                data.append(vertices)
+                types.append(kind)
+                rows.append((ann.name, ann.classification, index, k > 0))
+                colors.append(rgba)
+    width = 1.5 / max(mpp, 1e-9)  # 1.5 µm in level-0 px
+    meta = {"kind": "regions", "units": "px", "mpp": mpp}
+    if source is not None:
+        meta["source"] = str(source)
+    kwargs = {
+        "name": name,
+        "shape_type": types,
+        "edge_color": np.array(colors, dtype=float) if colors else REGION_COLOR,
+        "face_color": "transparent",
+        "edge_width": [width / 2 if row[3] else width for row in rows],
+        "features": _annotation_features(rows),
+        "feature_defaults": {"name": "", "classification": "", "feature": -1, "hole": False},
+        "scale": (mpp, mpp),
+        "units": _units(known),
+        "metadata": {"stmap": meta},
+    }
+    return data, kwargs, "shapes"
+
+
+def _annotation_features(rows: list[tuple]) -> dict[str, np.ndarray]:
+    names, classes, features, holes = zip(*rows, strict=True) if rows else ([], [], [], [])
+    return {
+        "name": np.array(names, dtype=object),
+        "classification": np.array(classes, dtype=object),
+        "feature": np.array(features, dtype=np.int64),
+        "hole": np.array(holes, dtype=bool),
+    }
+
+
+def _rgba(rgb: tuple[int, int, int] | None) -> list[float]:
+    """RGBA in [0, 1] of an ``(r, g, b)`` 0–255 colour (:data:`REGION_COLOR` when None)."""
+    return [c / 255.0 for c in (REGION_RGB if rgb is None else rgb)] + [1.0]
+
+
+def align_shapes_to_slide(layer, mpp: float, *, units: tuple[str, str] | None = None) -> None:
+    """Put a regions Shapes layer (data in level-0 px) on a slide of ``mpp`` µm/px.
+
+    Sets the layer's last two ``scale`` entries to ``(mpp, mpp)`` (world in µm), records
+    ``mpp`` in ``metadata["stmap"]`` and, when given, sets ``units`` (e.g. ``("um", "um")``).
+    Public layer API only (``scale``, ``metadata``, ``units``); the data are not touched.
+    """
+    mpp = float(mpp)
+    if not (np.isfinite(mpp) and mpp > 0):
+        msg = f"mpp={mpp!r} is not a slide's µm/px: pass a finite number > 0"
+        raise ValueError(msg)
+    scale = [float(v) for v in layer.scale]
+    scale[-2:] = [mpp, mpp]
+    layer.scale = scale
+    meta = dict(layer.metadata)
+    meta["stmap"] = {**(meta.get("stmap") or {}), "mpp": mpp}
+    layer.metadata = meta
+    if units is not None:
+        layer.units = units
 
 
 def spots_layer(

@@ -1,9 +1,12 @@
-"""npe2 reader: H&E slides, Space Ranger output folders and spatial ``.h5ad``.
+"""npe2 reader: H&E slides, Space Ranger output folders, spatial ``.h5ad`` and GeoJSON shapes.
 
 ``napari_get_reader`` returns ``None`` for anything it does not recognise and never raises on
 foreign files. Slides open as a multiscale RGB image in µm; measured bins open aligned with the
 slide. A Space Ranger folder (which holds no full-resolution image) also shows its hires image
-scaled into full-resolution coordinates, so the bins sit on the tissue.
+scaled into full-resolution coordinates, so the bins sit on the tissue. GeoJSON shapes (QuPath
+annotations, ``[x, y]`` level-0 px) open as a Shapes layer in level-0 px (y, x) scaled by the
+µm/px of the slide opened last (:func:`~napari_stmap._layers.annotations_layer`); a ``.json``
+that is not GeoJSON is not ours.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".jpg", ".jpeg", ".png")
+GEOJSON_SUFFIXES = (".geojson", ".json")
 
 
 def napari_get_reader(path: str | list[str]) -> Callable | None:
@@ -28,7 +32,12 @@ def napari_get_reader(path: str | list[str]) -> Callable | None:
     except Exception:  # a reader must never raise on foreign input
         logger.debug("napari-stmap: cannot classify %s", path, exc_info=True)
         return None
-    return {"slide": read_slide_layers, "spots": read_spots_layers}.get(kind)
+    readers = {
+        "slide": read_slide_layers,
+        "spots": read_spots_layers,
+        "geojson": read_geojson_layers,
+    }
+    return readers.get(kind)
 
 
 def _classify(path: Path) -> str | None:
@@ -41,6 +50,10 @@ def _classify(path: Path) -> str | None:
         return "spots" if detect_spots_layout(path) else None
     if suffix in SLIDE_SUFFIXES and path.is_file():
         return "slide"
+    if suffix in GEOJSON_SUFFIXES:
+        from .core.regions import is_geojson
+
+        return "geojson" if is_geojson(path) else None
     return None
 
 
@@ -66,3 +79,18 @@ def read_spots_layers(path: str | list[str]) -> list:
         layers.append(spaceranger_image_layer(spots, kinds[0]))
     layers.append(spots_layer(spots))
     return layers
+
+
+def read_geojson_layers(path: str | list[str]) -> list:
+    """One Shapes layer of a GeoJSON file's annotations, named after the file.
+
+    Data in level-0 px (y, x), ``scale`` the µm/px of the slide opened last; metadata
+    ``{"stmap": {"kind": "regions", "units": "px", "source": path, "mpp": ...}}``. Points
+    without a radius and lines are left out (logged).
+    """
+    from ._layers import _stem, annotations_layer
+    from .core.regions import read_annotations
+
+    path = path[0] if isinstance(path, list) else path
+    annotations = read_annotations(path, points="skip")
+    return [annotations_layer(annotations, name=_stem(path), source=str(path))]

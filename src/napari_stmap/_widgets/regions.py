@@ -1,10 +1,15 @@
 """Dock "Regions": drawn shapes and spot grids -> predicted expression table, bar chart, export.
 
-Shapes are drawn in the Shapes layer ``stmap: regions`` (its data are level-0 px: the layer's
-scale is µm/px). Values follow the additive rule: the dense map from
-:func:`~napari_stmap.core.engine.ensure_region` summed over each footprint with exact pixel
-fractions (:func:`~napari_stmap.core.aggregate.aggregate`); normalised expression is
-``log1p(1e4 · gene / total)`` after summing (:func:`~napari_stmap.core.aggregate.normalize_expression`).
+Shapes are drawn in the Shapes layer ``stmap: regions``; every Shapes layer whose
+``metadata["stmap"]["kind"]`` is ``"regions"`` counts too (GeoJSON opened through the reader,
+e.g. QuPath annotations). Their data are level-0 px (the layer's scale is µm/px). Shapes that
+share a ``feature`` property are one region and ``hole`` shapes subtract
+(:func:`~napari_stmap.core.regions.regions_from_shapes`); rows are named by the feature's
+``name``, else its class and a count, else ``region k``. Values follow the additive rule: the
+dense map from :func:`~napari_stmap.core.engine.ensure_region` summed over each footprint with
+exact pixel fractions (:func:`~napari_stmap.core.aggregate.aggregate`), holes subtracted;
+normalised expression is ``log1p(1e4 · gene / total)`` after summing
+(:func:`~napari_stmap.core.aggregate.normalize_expression`).
 
 With a bin model (MagNet) the sums come from the session's bin prediction
 (:meth:`~napari_stmap.core.bins.BinPrediction.region_sums`: each bin adds the fraction of its
@@ -36,7 +41,16 @@ from qtpy.QtWidgets import (
 )
 
 from ._plots import make_canvas, style_axes
-from ._session import PREFIX, get_session, notify_error, notify_info, owned_layer, viewport_bbox_px
+from ._session import (
+    ANNOTATION_KINDS,
+    PREFIX,
+    get_session,
+    notify_error,
+    notify_info,
+    owned_layer,
+    stmap_kind,
+    viewport_bbox_px,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +60,13 @@ REGION_TIMEOUT_S = 600.0
 
 
 def shape_footprint(kind: str, vertices_yx: np.ndarray):
-    """Footprint (level-0 px) of one napari shape, or None for lines and paths."""
-    from napari_stmap.core.geometry import Ellipse, Polygon, Rectangle
+    """Footprint (level-0 px) of one napari shape, or None for lines and paths.
 
-    v = np.asarray(vertices_yx, dtype=float)[:, -2:]
-    if kind == "rectangle":
-        y0, x0 = v.min(axis=0)
-        y1, x1 = v.max(axis=0)
-        axis_aligned = np.allclose(np.sort(np.unique(np.round(v[:, 0], 6))).size, 2)
-        if axis_aligned and np.unique(np.round(v[:, 1], 6)).size == 2:
-            return Rectangle(y0, x0, y1, x1)
-        return Polygon(v)
-    if kind == "ellipse":  # napari: the 4 corners of the (possibly turned) bounding box
-        center = v.mean(axis=0)
-        a, b = v[1] - v[0], v[3] - v[0]
-        ry, rx = np.linalg.norm(b) / 2, np.linalg.norm(a) / 2
-        angle = float(np.arctan2(b[1], b[0]))  # first semi-axis along b (y when unturned)
-        return Ellipse(tuple(center), (ry, rx), angle)
-    if kind == "polygon":
-        return Polygon(v)
-    return None
+    See :func:`napari_stmap.core.regions.shape_footprint`.
+    """
+    from napari_stmap.core.regions import shape_footprint as footprint
+
+    return footprint(kind, vertices_yx)
 
 
 @dataclass
@@ -91,32 +92,35 @@ class RegionTable:
         return normalize_expression(self.counts[:, :-1], self.total)
 
 
-def compute_regions(
-    source, footprints: list, names: list[str], kinds: list[str], mpp: float
-) -> RegionTable:
-    """Predict what the footprints need (blocking) and sum the map over each one."""
+def compute_regions(source, regions: list, mpp: float) -> RegionTable:
+    """Predict what the regions need (blocking) and sum the map over each one (holes subtract)."""
     from napari_stmap.core.aggregate import aggregate
     from napari_stmap.core.engine import ensure_region
+    from napari_stmap.core.regions import combine_parts, region_parts
 
-    boxes = np.array([f.bbox_yx() for f in footprints], dtype=float)
+    fps, signs, groups = region_parts(regions)
+    boxes = np.array([f.bbox_yx() for f in fps], dtype=float)
     bbox = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
     dense, grid = ensure_region(source, bbox, timeout=REGION_TIMEOUT_S)
-    counts = aggregate(dense, grid, footprints)
-    area = np.array([f.area_px() for f in footprints]) * mpp**2
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-    genes = list(source.output_names[:-1])
-    return RegionTable(list(names), list(kinds), centers, counts, area, genes)
+    counts = combine_parts(aggregate(dense, grid, fps), signs, groups, len(regions))
+    return _region_table(regions, counts, list(source.output_names[:-1]), mpp)
 
 
-def compute_regions_bins(
-    bins, footprints: list, names: list[str], kinds: list[str], mpp: float
-) -> RegionTable:
-    """Sum a bin prediction over each footprint (fractional bin coverage; no network run)."""
-    boxes = np.array([f.bbox_yx() for f in footprints], dtype=float)
-    counts = bins.region_sums(footprints)
-    area = np.array([f.area_px() for f in footprints]) * mpp**2
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-    return RegionTable(list(names), list(kinds), centers, counts, area, bins.genes)
+def compute_regions_bins(bins, regions: list, mpp: float) -> RegionTable:
+    """Sum a bin prediction over each region (fractional bin coverage; no network run)."""
+    from napari_stmap.core.regions import combine_parts, region_parts
+
+    fps, signs, groups = region_parts(regions)
+    counts = combine_parts(bins.region_sums(fps), signs, groups, len(regions))
+    return _region_table(regions, counts, list(bins.genes), mpp)
+
+
+def _region_table(regions: list, counts: np.ndarray, genes: list[str], mpp: float) -> RegionTable:
+    """The table of ``regions`` (:class:`~napari_stmap.core.regions.Region`, level-0 px)."""
+    centers = np.array([r.center_yx for r in regions], dtype=float).reshape(-1, 2)
+    area = np.array([r.area_px for r in regions], dtype=float) * mpp**2
+    names, kinds = [r.name for r in regions], [r.kind for r in regions]
+    return RegionTable(names, kinds, centers, counts, area, genes)
 
 
 def build_export(table: RegionTable, mpp: float, slide_path: str):
@@ -144,7 +148,7 @@ class RegionsWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = get_session(napari_viewer, self)
         self.table_data: RegionTable | None = None
         self._worker = None
         self._again = False
@@ -154,6 +158,7 @@ class RegionsWidget(QWidget):
         self._debounce.setInterval(self.DEBOUNCE_MS)
         self._debounce.timeout.connect(self.recompute)
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
+        self.viewer.layers.events.removed.connect(self._on_layers_removed)
         for layer in self.viewer.layers:
             self._watch(layer)
 
@@ -217,16 +222,34 @@ class RegionsWidget(QWidget):
                 face_color="transparent",
                 edge_width=3 / max(mpp, 1e-9) * 0.5,
                 units=self.session.units,
-                metadata={"stmap": {"kind": "regions"}},
+                metadata={"stmap": {"kind": "regions", "units": "px"}},
             )
         return layer
 
+    def regions_layers(self) -> list:
+        """Shapes layers of regions (data level-0 px): drawn here and opened GeoJSON."""
+        return [
+            ly
+            for ly in self.viewer.layers
+            if stmap_kind(ly) == "regions" and hasattr(ly, "shape_type")
+        ]
+
     def _watch(self, layer) -> None:
-        if layer.name in (REGIONS_LAYER, GRID_LAYER):
+        if stmap_kind(layer) in ANNOTATION_KINDS:
             layer.events.data.connect(self._on_shapes_changed)
+
+    def _ready(self) -> bool:
+        s = self.session
+        return not s.closed and s.slide is not None and s.model_path is not None
 
     def _on_layers_inserted(self, event) -> None:
         self._watch(event.value)
+        if stmap_kind(event.value) == "regions" and len(event.value.data) and self._ready():
+            self._debounce.start()  # opened GeoJSON: its regions join the table
+
+    def _on_layers_removed(self, event) -> None:
+        if stmap_kind(event.value) in ANNOTATION_KINDS and self._ready():
+            self._debounce.start()
 
     def _on_draw_clicked(self) -> None:
         if self.session.slide is None:
@@ -252,7 +275,7 @@ class RegionsWidget(QWidget):
             return 0
         mpp = s.mpp
         region = None
-        layer = self.regions_layer(create=False)
+        layer = self._selection_layer()
         if layer is not None and layer.nshapes:
             idx = sorted(layer.selected_data) or [layer.nshapes - 1]
             region = shape_footprint(layer.shape_type[idx[0]], layer.data[idx[0]])
@@ -294,37 +317,42 @@ class RegionsWidget(QWidget):
         self._debounce.start()
         return len(centers)
 
-    # --- computation -----------------------------------------------------------------------
-    def footprints(self) -> tuple[list, list[str], list[str]]:
-        """(footprints, names, kinds) of the drawn regions, then the spot grid."""
-        from napari_stmap.core.geometry import disks, squares
+    def _selection_layer(self):
+        """The active regions layer, else ``stmap: regions`` (None when there is none)."""
+        active = self.viewer.layers.selection.active
+        if active is not None and any(active is ly for ly in self.regions_layers()):
+            return active
+        return self.regions_layer(create=False)
 
-        fps, names, kinds = [], [], []
-        layer = self.regions_layer(create=False)
-        if layer is not None:
-            for k, (kind, data) in enumerate(zip(layer.shape_type, layer.data, strict=True)):
-                fp = shape_footprint(kind, data)
-                if fp is not None:
-                    fps.append(fp)
-                    names.append(f"region {k + 1}")
-                    kinds.append(kind)
+    # --- computation -----------------------------------------------------------------------
+    def regions(self) -> list:
+        """Regions (level-0 px) of every regions layer, in layer order, then the spot grid.
+
+        Each is a :class:`~napari_stmap.core.regions.Region`; names are made unique.
+        """
+        from napari_stmap.core.geometry import disks, squares
+        from napari_stmap.core.regions import Region, regions_from_shapes, unique_names
+
+        out = []
+        for layer in self.regions_layers():
+            out += regions_from_shapes(layer.shape_type, layer.data, layer.features)
         grid = owned_layer(self.viewer, GRID_LAYER)
         if grid is not None and len(grid.data):
             meta = grid.metadata["stmap"]
             build = disks if meta["footprint"] == "disk" else squares
             spots = build(np.asarray(grid.data)[:, -2:], meta["size_px"])
-            fps += spots
-            names += [f"spot {k + 1}" for k in range(len(spots))]
-            kinds += [meta["footprint"]] * len(spots)
-        return fps, names, kinds
+            out += [Region(f"spot {k + 1}", [(fp, 1.0)]) for k, fp in enumerate(spots)]
+        for region, name in zip(out, unique_names([r.name for r in out]), strict=True):
+            region.name = name
+        return out
 
     def recompute(self):
         """Recompute the table in a worker (a second call while running queues one more)."""
         if self._worker is not None:
             self._again = True
             return None
-        fps, names, kinds = self.footprints()
-        if not fps:
+        regions = self.regions()
+        if not regions:
             self.table_data = None
             self._fill_table()
             return None
@@ -339,13 +367,13 @@ class RegionsWidget(QWidget):
                 notify_info(text)
                 return None
             self.update_btn.setEnabled(False)
-            self.status.setText(f"summing {len(fps)} regions over {bins.n} predicted bins…")
-            self._start(compute_regions_bins, bins, fps, names, kinds, mpp)
+            self.status.setText(f"summing {len(regions)} regions over {bins.n} predicted bins…")
+            self._start(compute_regions_bins, bins, regions, mpp)
             return self._worker
         self.update_btn.setEnabled(False)
-        self.status.setText(f"computing {len(fps)} regions…")
+        self.status.setText(f"computing {len(regions)} regions…")
         self.session.with_predictor(
-            lambda pred: self._start(compute_regions, pred, fps, names, kinds, mpp),
+            lambda pred: self._start(compute_regions, pred, regions, mpp),
             on_fail=self._on_worker_finished,
         )
         return self._worker
