@@ -36,7 +36,7 @@ def _viewer():
     from napari_stmap._layers import show_scale_bar
 
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
+    viewer.window.resize(1400, 900)
     show_scale_bar(viewer)
     return viewer
 
@@ -86,21 +86,84 @@ def render_her2st(out: Path, shared: Path) -> None:
     viewer.close()
 
 
+def _pump(seconds: float) -> None:
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def _plugin_submenu(viewer):
+    """napari's Plugins menu and its napari-stmap submenu (public ``plugins_menu``)."""
+    menu = viewer.window.plugins_menu
+    menu.aboutToShow.emit()  # napari fills the menu when it is about to show
+    action = next(a for a in menu.actions() if a.menu() is not None and a.text() == "napari-stmap")
+    action.menu().aboutToShow.emit()
+    return menu, action
+
+
+def render_plugins_menu(out: Path) -> None:
+    """The docks opened by clicking Plugins → napari-stmap → each entry, with the menu open."""
+    from qtpy.QtWidgets import QApplication, QDockWidget
+
+    from napari_stmap._sample_data import ensure_sample
+
+    sample = ensure_sample()
+    viewer = _viewer()
+    viewer.open(str(sample.slide), plugin="napari-stmap")
+    menu, action = _plugin_submenu(viewer)
+    for entry in action.menu().actions():  # what a click on each entry does
+        entry.trigger()
+        _pump(0.3)
+    docks = []
+    for widget in viewer.window.dock_widgets.values():
+        node = widget
+        while node is not None and not isinstance(node, QDockWidget):
+            node = node.parentWidget()
+        if node is not None:
+            docks.append(node)
+    for dock in docks[1:]:  # one tab each, as a user would arrange them
+        docks[0].parentWidget().tabifyDockWidget(docks[0], dock)
+    docks[0].raise_()
+    _pump(0.3)
+    viewer.window.resize(1400, 900)
+    _pump(0.3)
+    viewer.reset_view()
+    _pump(0.5)
+    bar = viewer.window.main_menu
+    menu.popup(bar.mapToGlobal(bar.actionGeometry(menu.menuAction()).bottomLeft()))
+    menu.setActiveAction(action)
+    _pump(0.3)
+    action.menu().popup(menu.mapToGlobal(menu.actionGeometry(action).topRight()))
+    _pump(0.8)
+    g = bar.window().frameGeometry().intersected(QApplication.primaryScreen().geometry())
+    shot = QApplication.primaryScreen().grabWindow(0, g.x(), g.y(), g.width(), g.height())
+    shot.save(str(out / "plugins_menu.png"))
+    logger.info("wrote %s", out / "plugins_menu.png")
+    action.menu().close()
+    menu.close()
+    viewer.close()
+
+
 DOCK_SHOTS = {
-    "Slide & data": "dock_slide_data.png",
-    "Predict": "dock_predict.png",
-    "Genes": "dock_genes.png",
-    "Regions": "dock_regions.png",
-    "Compare": "dock_compare.png",
+    "slide_data": "dock_slide_data.png",
+    "predict": "dock_predict.png",
+    "genes": "dock_genes.png",
+    "regions": "dock_regions.png",
+    "compare": "dock_compare.png",
 }
 
 
 def render_docks(out: Path) -> None:
     """Each dock in use on the synthetic sample (the demo: trained model, heatmaps, spot grid)."""
-    from napari_stmap.demo import build_viewer, wait_until
+    from napari_stmap.demo import build_viewer, raise_dock, wait_until
 
-    viewer = build_viewer(show=True, wait=True)
-    viewer.window._qt_window.resize(1500, 950)
+    viewer, docks = build_viewer(show=True, wait=True, with_docks=True)
+    viewer.window.resize(1500, 950)
     wait_until(lambda: False, 0.5)
     for layer in viewer.layers:
         logger.info("layer %r: extent %s µm", layer.name, layer.extent.world.tolist())
@@ -108,11 +171,9 @@ def render_docks(out: Path) -> None:
     (y0, x0), (y1, x1) = slide.extent.world
     viewer.camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
     viewer.camera.zoom = 0.9 * min(viewer.canvas.size) / max(y1 - y0, x1 - x0)
-    for title, filename in DOCK_SHOTS.items():
-        dock = viewer.window._dock_widgets.get(title)
-        if dock is not None:
-            dock.raise_()
-        if title == "Compare":  # show the measured bins of the selected gene beside the heatmaps
+    for key, filename in DOCK_SHOTS.items():
+        raise_dock(docks[key])
+        if key == "compare":  # show the measured bins of the selected gene beside the heatmaps
             for layer in viewer.layers:
                 if layer.name.startswith("stmap: measured "):
                     layer.visible = True
@@ -149,7 +210,7 @@ def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> N
     """
     import numpy as np
 
-    from napari_stmap.demo import add_docks, wait_until
+    from napari_stmap.demo import add_docks, raise_dock, wait_until
 
     c2 = shared / "her2st" / "C2"
     model = her2st_model(shared, model)
@@ -158,7 +219,7 @@ def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> N
         return
     logger.info("HER2ST docks with model %s", model)
     viewer = _viewer()
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window.resize(1500, 950)
     docks = add_docks(viewer)
     session = docks["predict"].session
     docks["slide_data"].load_slide(c2 / "he.ome.tif")
@@ -193,11 +254,9 @@ def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> N
         if layer.name.startswith(("stmap: measured", "stmap: residual")):
             layer.visible = False
     viewer.reset_view()
-    for title, filename in DOCK_SHOTS.items():
-        dock = viewer.window._dock_widgets.get(title)
-        if dock is not None:
-            dock.raise_()
-        if title == "Compare":
+    for key, filename in DOCK_SHOTS.items():
+        raise_dock(docks[key])
+        if key == "compare":
             for layer in viewer.layers:
                 if layer.name.startswith("stmap: measured "):
                     layer.visible = True
@@ -210,7 +269,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--only", choices=["synthetic", "her2st", "docks"], default=None)
+    parser.add_argument("--only", choices=["synthetic", "her2st", "docks", "menu"], default=None)
     parser.add_argument(
         "--her2st-model", type=Path, default=None, help="PixNet trained on HER2ST C3–C5"
     )
@@ -224,6 +283,8 @@ def main() -> int:
         if args.only in (None, "her2st"):
             render_her2st(args.out, args.shared)
             render_her2st_docks(args.out, args.shared, args.her2st_model)
+        if args.only in (None, "menu"):
+            render_plugins_menu(args.out)
         if args.only in (None, "docks"):
             render_docks(args.out)
     finally:

@@ -166,3 +166,23 @@ def test_moved_regions_layer_writes_where_it_is_shown(tmp_path):
     napari.save_layers(str(out), [layer], plugin="napari-stmap")
     (ann,) = read_annotations(out)
     assert ann.name == "r" and ann.polygons[0][0] == Rectangle(20.0, 16.0, 40.0, 56.0)
+
+
+def test_geojson_opened_before_the_slide_follows_it(
+    make_napari_viewer, qupath_file, small_sample, qtbot, monkeypatch
+):
+    """GeoJSON opened first (µm/px unknown) is put on the slide's µm/px once a slide is used."""
+    import napari_stmap._layers as layers_mod
+
+    monkeypatch.setattr(layers_mod, "_SLIDE_HINT", {})  # a fresh napari: no slide opened yet
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(qupath_file), plugin="napari-stmap")
+    assert tuple(layer.scale) == pytest.approx((1.0, 1.0))
+    data = [np.array(v) for v in layer.data]
+    _, dock = viewer.window.add_plugin_dock_widget("napari-stmap", "Slide & data")
+    viewer.open(str(small_sample.slide), plugin="napari-stmap")
+    qtbot.waitUntil(lambda: dock.session.slide is not None, timeout=60_000)
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
+    assert layer.metadata["stmap"]["mpp"] == 0.5
+    for a, b in zip(layer.data, data, strict=True):
+        np.testing.assert_array_equal(a, b)  # level-0 px stay level-0 px

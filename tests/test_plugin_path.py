@@ -106,6 +106,24 @@ def test_every_dock_opens_from_the_plugins_menu_in_any_order(viewer, qtbot, erro
     assert not errors
 
 
+def test_plugins_menu_entries_open_the_docks(viewer, qtbot, errors):
+    """Click (trigger) each entry of Plugins → napari-stmap, as the user does."""
+    menu = viewer.window.plugins_menu
+    menu.aboutToShow.emit()  # napari fills the menu when it is about to show
+    (sub,) = [a.menu() for a in menu.actions() if a.menu() and a.text() == PLUGIN]
+    sub.aboutToShow.emit()
+    entries = [a for a in sub.actions() if a.text()]
+    assert [a.text().replace("&&", "&") for a in entries] == _display_names()
+    for entry in entries:
+        entry.trigger()
+    widgets = list(viewer.window.dock_widgets.values())
+    assert len(widgets) == 5
+    assert len({id(w.session) for w in widgets}) == 1
+    entries[0].trigger()  # a second click does not open a second copy
+    assert len(viewer.window.dock_widgets) == 5
+    assert not errors
+
+
 def test_session_closes_with_the_window(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     widget = _add(viewer, "Predict")

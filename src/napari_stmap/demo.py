@@ -60,35 +60,38 @@ def ensure_demo_model(sample=None) -> Path:
     return path
 
 
-def add_docks(viewer) -> dict:
-    """Add the five napari-stmap docks; returns them by name."""
-    from ._widgets.compare import CompareWidget
-    from ._widgets.genes import GenesWidget
-    from ._widgets.predict import PredictWidget
-    from ._widgets.regions import RegionsWidget
-    from ._widgets.slide_data import SlideDataWidget
+#: Display names of the docks in the manifest (what napari's Plugins menu lists), by key.
+DOCK_TITLES = {
+    "slide_data": "Slide & data",
+    "predict": "Predict",
+    "genes": "Genes",
+    "regions": "Regions",
+    "compare": "Compare",
+}
 
-    classes = dict(
-        zip(
-            DOCKS,
-            (SlideDataWidget, PredictWidget, GenesWidget, RegionsWidget, CompareWidget),
-            strict=True,
-        )
-    )
-    titles = {
-        "slide_data": "Slide & data",
-        "predict": "Predict",
-        "genes": "Genes",
-        "regions": "Regions",
-        "compare": "Compare",
-    }
+
+def add_docks(viewer) -> dict:
+    """Open the five docks as napari's Plugins menu does; returns the widgets by key.
+
+    The first dock sits on the right, the others are tabbed with it.
+    """
     docks = {}
-    for key, cls in classes.items():
-        docks[key] = cls(viewer)
-        viewer.window.add_dock_widget(
-            docks[key], name=titles[key], area="right", tabify=key != "slide_data"
+    for key in DOCKS:
+        _dock, docks[key] = viewer.window.add_plugin_dock_widget(
+            "napari-stmap", DOCK_TITLES[key], tabify=key != DOCKS[0]
         )
     return docks
+
+
+def raise_dock(widget) -> None:
+    """Bring the tab of a dock ``widget`` to the front (through its own Qt parents)."""
+    from qtpy.QtWidgets import QDockWidget
+
+    node = widget
+    while node is not None and not isinstance(node, QDockWidget):
+        node = node.parentWidget()
+    if node is not None:
+        node.raise_()
 
 
 def wait_until(predicate, timeout: float = 600.0) -> bool:
@@ -110,8 +113,10 @@ def fill_demo(viewer, docks, sample, model_path, *, wait: bool = False) -> None:
 
     session = docks["predict"].session
     data = docks["slide_data"]
-    data.load_spots(sample.outs, bin_um=8.0)
-    wait_until(lambda: session.spots is not None and session.slide is not None, 120)
+    # the sample's bins layer (napari's reader) is picked up by the dock; else read them
+    if not wait_until(lambda: session.spots is not None and session.slide is not None, 60):
+        data.load_spots(sample.outs, bin_um=8.0)
+        wait_until(lambda: session.spots is not None and session.slide is not None, 120)
     data.load_model(model_path)
     viewer.reset_view()
     docks["predict"].predict_slide()
@@ -140,8 +145,11 @@ def fill_demo(viewer, docks, sample, model_path, *, wait: bool = False) -> None:
                 layer.visible = False
 
 
-def build_viewer(show: bool = True, *, wait: bool = False):
-    """Open a napari viewer with the synthetic sample, the docks and the demo model."""
+def build_viewer(show: bool = True, *, wait: bool = False, with_docks: bool = False):
+    """Open a napari viewer with the synthetic sample, the docks and the demo model.
+
+    Returns the viewer, or ``(viewer, docks)`` with ``with_docks=True``.
+    """
     import napari
 
     from ._layers import show_scale_bar
@@ -156,7 +164,7 @@ def build_viewer(show: bool = True, *, wait: bool = False):
     wait_until(lambda: docks["predict"].session.slide is not None, 120)
     fill_demo(viewer, docks, sample, model_path, wait=wait)
     viewer.reset_view()
-    return viewer
+    return (viewer, docks) if with_docks else viewer
 
 
 def main(argv=None) -> int:
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
 
     viewer = build_viewer(show=True, wait=bool(args.screenshot))
     if args.screenshot:
-        viewer.window._qt_window.resize(1500, 950)
+        viewer.window.resize(1500, 950)
         wait_until(lambda: False, 1.0)
         viewer.screenshot(args.screenshot, canvas_only=False)
         viewer.close()

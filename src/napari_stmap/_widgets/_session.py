@@ -375,7 +375,19 @@ class Session(QObject):
         self.slide, self.slide_layer_name = slide, layer_name
         self.drop_predictor()
         self.set_bins(None)
+        for layer in list(self.viewer.layers):
+            self._align_regions(layer)
         self.changed.emit("slide")
+
+    def _align_regions(self, layer) -> None:
+        """Put a regions layer in level-0 px (e.g. opened GeoJSON) on the slide's µm/px."""
+        from .._layers import align_shapes_to_slide
+
+        meta = (getattr(layer, "metadata", None) or {}).get("stmap") or {}
+        if self.slide is None or meta.get("kind") != "regions" or meta.get("units") != "px":
+            return
+        if meta.get("mpp") != self.mpp:
+            align_shapes_to_slide(layer, self.mpp, units=self.units)
 
     def set_spots(self, spots, path: str | Path | None) -> None:
         """Use measured ``spots`` read from ``path``."""
@@ -402,6 +414,8 @@ class Session(QObject):
     # --- layers ----------------------------------------------------------------------------
     def _on_layer_inserted(self, event=None) -> None:
         layer = getattr(event, "value", None)
+        if layer is not None:
+            self._align_regions(layer)
         if layer is not None and stmap_kind(layer) not in (None, *ANNOTATION_KINDS):
             # after the layer list has finished inserting (its Qt model listens too)
             QTimer.singleShot(0, self._raise_annotations)
