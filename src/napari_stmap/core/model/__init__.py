@@ -1,4 +1,4 @@
-"""Networks that map H&E to expected counts: registry, encoders, PixNet, SpotNet, model files.
+"""Networks that map H&E to expected counts: registry, encoders, PixNet, SpotNet, MagNet, files.
 
 Public API (imported lazily, so ``read_model_metadata`` needs neither torch nor timm)::
 
@@ -6,10 +6,13 @@ Public API (imported lazily, so ``read_model_metadata`` needs neither torch nor 
     save_model(model, path, metadata=...)          load_model(path, device=...)
     read_model_metadata(path) -> dict
 
-Architectures: ``pixnet`` (dense maps, :mod:`.pixnet`), ``spotnet`` (spot-crop baseline,
-:mod:`.spotnet`), ``magnet`` (multi-magnification bins + neighbour graph, :mod:`.magnet`), plus
-the test presets ``pixnet_tiny`` / ``spotnet_tiny`` / ``magnet_tiny``. timm is always
-imported through :func:`._torchvision_compat.import_timm`.
+Modules: :mod:`.base` (:class:`StmapModel` and the constructor all architectures share),
+:mod:`.heads` (heads and pooling shared by them), :mod:`.registry` (names -> builders),
+:mod:`.encoder` (timm), :mod:`.checkpoint` (model files). Architectures: ``pixnet`` (dense
+maps, :mod:`.pixnet`), ``spotnet`` (spot-crop baseline, :mod:`.spotnet`), ``magnet``
+(multi-magnification bins + neighbour graph, :mod:`.magnet`), plus the test presets
+``pixnet_tiny`` / ``spotnet_tiny`` / ``magnet_tiny``. timm is always imported through
+:func:`._torchvision_compat.import_timm`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ _LAZY = {
     "load_model": "checkpoint",
     "read_model_metadata": "checkpoint",
     "save_model": "checkpoint",
-    "StmapModel": "registry",
+    "StmapModel": "base",
     "create_model": "registry",
     "list_models": "registry",
     "register_model": "registry",

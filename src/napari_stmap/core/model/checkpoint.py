@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from napari_stmap.core.errors import StmapInputError
 
 if TYPE_CHECKING:
-    from .registry import StmapModel
+    from .base import StmapModel
 
 __all__ = ["FORMAT_VERSION", "load_model", "read_model_metadata", "save_model"]
 

@@ -148,6 +148,16 @@ class TimmEncoder(nn.Module):
         """Largest feature stride in input px; tiles must be aligned to it."""
         return max(self.reductions)
 
+    @property
+    def deepest(self) -> list[int]:
+        """Indices of the features at :attr:`max_stride` (several for ViT blocks)."""
+        return [i for i, r in enumerate(self.reductions) if r == self.max_stride]
+
+    @property
+    def deepest_channels(self) -> int:
+        """Channels of the :attr:`deepest` features together."""
+        return sum(self.out_channels[i] for i in self.deepest)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> list of (B, C_i, H / r_i, W / r_i)."""
         return list(self.model(x))

@@ -54,11 +54,10 @@ bin view at the model's µm/px, the context views at 64 px each (1.75 and 4 µm/
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -67,9 +66,10 @@ from torch import nn
 
 from napari_stmap.core.errors import StmapInputError
 
-from .encoder import ENCODER_OPTIONS, encoder_from_config
-from .registry import StmapModel, fill_config, register_model
-from .spotnet import GlobalPool, LinearHead
+from .base import BASE_OPTIONS, StmapModel
+from .encoder import encoder_from_config
+from .heads import GlobalPool, LinearHead
+from .registry import register_presets
 
 if TYPE_CHECKING:
     from napari_stmap.core.geometry import MapGrid
@@ -89,8 +89,6 @@ __all__ = [
     "tile_box",
 ]
 
-_logger = logging.getLogger(__name__)
-
 #: Tiny random-init config for tests: timm's ``test_resnet`` cut at stride 16, views of
 #: 16 / 32 / 64 µm (32 px at 0.5 µm/px; 32 px at 1 and 2 µm/px), d = 32.
 MAGNET_TINY_CONFIG: dict[str, Any] = {
@@ -106,26 +104,6 @@ MAGNET_TINY_CONFIG: dict[str, Any] = {
 }
 
 _CONTEXT_ENCODERS = ("separate", "shared", "frozen")
-
-_MAGNET_OPTIONS: dict[str, Any] = {
-    **ENCODER_OPTIONS,
-    "mpp": 0.5,
-    "views_um": [56.0, 112.0, 256.0],
-    "context_px": [64, 64],
-    "context_encoder": "separate",
-    "context_tokens": 2,
-    "context_margin": 0.5,
-    "dim": 128,
-    "heads": 4,
-    "k": 8,
-    "gat_blocks": 2,
-    "transformer_layers": 1,
-    "dropout": 0.1,
-    "group_bins": 32,
-    "consistency_weight": 0.1,
-    "init_counts_per_bin": None,
-    "normalisation": "log1p_cp10k",
-}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -401,20 +379,27 @@ class MagNet(StmapModel):
 
     arch = "magnet"
     input_kind = "bins"
+    options: ClassVar[dict[str, Any]] = {
+        **BASE_OPTIONS,
+        "views_um": [56.0, 112.0, 256.0],
+        "context_px": [64, 64],
+        "context_encoder": "separate",
+        "context_tokens": 2,
+        "context_margin": 0.5,
+        "dim": 128,
+        "heads": 4,
+        "k": 8,
+        "gat_blocks": 2,
+        "transformer_layers": 1,
+        "dropout": 0.1,
+        "group_bins": 32,
+        "consistency_weight": 0.1,
+        "init_counts_per_bin": None,
+    }
 
     def __init__(self, genes: Sequence[str], **config: Any) -> None:
-        cfg = fill_config(self.arch, genes, config, _MAGNET_OPTIONS)
-        _check_views(cfg)
-        encoder = encoder_from_config(cfg)
-        super().__init__(
-            genes=genes,
-            mpp=cfg["mpp"],
-            normalisation=cfg["normalisation"],
-            mean=cfg["mean"],
-            std=cfg["std"],
-        )
-        self.config = cfg
-        self.encoder = encoder
+        super().__init__(genes, **config)
+        cfg = self.config
         self._build_context(cfg)
         self._build_fusion(cfg)
         self.head_ = LinearHead(self.embed_dim, self.num_outputs, cfg["init_counts_per_bin"])
@@ -424,9 +409,12 @@ class MagNet(StmapModel):
             float(u) / p for u, p in zip(cfg["views_um"][1:], self.context_px, strict=True)
         ]
         self.k = int(cfg["k"])
-        self.stride = self.view_px  # one output per bin view
-        self.align_px = encoder.max_stride
-        self.halo_px = 0
+        self.stride = self.view_px  # one output per bin view; not tiled: no halo
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """Refuse views, context sizes and graph options that cannot build a MagNet."""
+        _check_views(cfg)
 
     # ------------------------------------------------------------------ construction
     def _build_context(self, cfg: dict[str, Any]) -> None:
@@ -436,9 +424,8 @@ class MagNet(StmapModel):
             self.context_encoder.requires_grad_(False)
         enc = self.encoder if self.context_encoder is None else self.context_encoder
         self.context_stride = enc.max_stride
-        idx = _deepest(enc)
-        self.context_channels = sum(enc.out_channels[i] for i in idx)
-        self._context_idx = idx
+        self.context_channels = enc.deepest_channels
+        self._context_idx = enc.deepest
         d, t, n_ctx = int(cfg["dim"]), int(cfg["context_tokens"]), len(cfg["context_px"])
         self.context_proj = nn.ModuleList(
             nn.Sequential(nn.Linear(self.context_channels, d), nn.LayerNorm(d))
@@ -448,10 +435,8 @@ class MagNet(StmapModel):
 
     def _build_fusion(self, cfg: dict[str, Any]) -> None:
         d, heads, drop = int(cfg["dim"]), int(cfg["heads"]), float(cfg["dropout"])
-        idx = _deepest(self.encoder)
-        self.pool = GlobalPool(idx)
-        bin_ch = sum(self.encoder.out_channels[i] for i in idx)
-        self.bin_proj = nn.Sequential(nn.Linear(bin_ch, d), nn.LayerNorm(d))
+        self.pool = GlobalPool(self.encoder.deepest)
+        self.bin_proj = nn.Sequential(nn.Linear(self.encoder.deepest_channels, d), nn.LayerNorm(d))
         n_levels = len(cfg["context_px"]) + 1
         self.cross = nn.ModuleList(CrossAttentionBlock(d, heads, drop) for _ in range(n_levels - 1))
         blocks = int(cfg["gat_blocks"])
@@ -551,21 +536,10 @@ class MagNet(StmapModel):
         """:class:`BinBatch` -> (N, d) embedding of each bin."""
         return self.embed_levels(x)[0]
 
-    def head(self, e: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, G + 1) non-negative expected counts per bin (reference area)."""
-        return self.head_(e)
-
     def forward_levels(self, batch: BinBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Counts (N, G + 1) and each context level's own prediction (N, G + 1) (for the loss)."""
         e, levels = self.embed_levels(batch)
         return self.head(e), [self.head(lv) for lv in levels]
-
-    def head_rows(self, gene_indices: Sequence[int | str]) -> tuple[np.ndarray, np.ndarray]:
-        """Head weights (k, d) and biases (k,) of some outputs (indices or names), numpy."""
-        idx = [self.channel_index(g) for g in gene_indices]
-        w = self.head_.fc.weight.detach()[idx].float().cpu().numpy()
-        b = self.head_.fc.bias.detach()[idx].float().cpu().numpy()
-        return w, b
 
     def context_margin_px(self, level: int) -> float:
         """Context beyond the outermost views of a tile at ``level`` (0-based), level px."""
@@ -580,11 +554,6 @@ class MagNet(StmapModel):
             "view_mpp": [self.mpp, *self.context_mpp],
             "k": self.k,
         }
-
-
-def _deepest(encoder: Any) -> list[int]:
-    deepest = max(encoder.reductions)
-    return [i for i, r in enumerate(encoder.reductions) if r == deepest]
 
 
 def _check_views(cfg: dict[str, Any]) -> None:
@@ -606,16 +575,7 @@ def _check_views(cfg: dict[str, Any]) -> None:
         raise StmapInputError(msg)
 
 
-@register_model("magnet")
-def magnet(genes: Sequence[str], **config: Any) -> MagNet:
-    """MagNet (ResNet-18 encoders, views of 56 / 112 / 256 µm by default)."""
-    return MagNet(genes, **config)
-
-
-@register_model("magnet_tiny")
-def magnet_tiny(genes: Sequence[str], **config: Any) -> MagNet:
-    """MagNet preset for tests (:data:`MAGNET_TINY_CONFIG`); saved files say ``magnet``."""
-    return MagNet(genes, **{**MAGNET_TINY_CONFIG, **config})
+register_presets(MagNet, {"magnet": {}, "magnet_tiny": MAGNET_TINY_CONFIG})
 
 
 # ----------------------------------------------------------------------------- inference

@@ -33,17 +33,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_stmap.core.errors import StmapInputError
 
-from .encoder import ENCODER_OPTIONS, encoder_from_config, receptive_field
-from .registry import StmapModel, fill_config, register_model
+from .base import BASE_OPTIONS, StmapModel
+from .encoder import receptive_field
+from .heads import PointwiseHead
+from .registry import register_presets
 
 __all__ = [
     "PIXNET_DEFAULT_CONFIG",
@@ -53,7 +54,6 @@ __all__ = [
     "LayerNorm2d",
     "LocalAttention2d",
     "PixNet",
-    "PointwiseHead",
     "SepConvResidual",
 ]
 
@@ -322,41 +322,6 @@ def _gather(features: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tenso
     return features[idx[0]] if len(idx) == 1 else torch.cat([features[i] for i in idx], dim=1)
 
 
-class PointwiseHead(nn.Module):
-    """1×1 conv + softplus: (B, D, h, w) -> (B, G + 1, h, w) non-negative expected counts.
-
-    Parameters
-    ----------
-    in_ch : int
-        D, embedding channels.
-    out_ch : int
-        G + 1.
-    init_counts : float or sequence of float, optional
-        Prior mean counts per output pixel (one value or one per channel): the bias starts at
-        softplus⁻¹(prior) and the weights near zero, so the first outputs ≈ the prior.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, init_counts: float | Sequence[float] | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 1)
-        self.act = nn.Softplus()
-        if init_counts is not None:
-            prior = torch.as_tensor(init_counts, dtype=torch.float32).clamp_min(1e-6)
-            nn.init.normal_(self.conv.weight, std=0.01)
-            with torch.no_grad():
-                self.conv.bias.copy_((prior + torch.log(-torch.expm1(-prior))).expand(out_ch))
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(e))
-
-    def rows(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Weights (k, D) and biases (k,) of output channels ``indices``, float32 numpy."""
-        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.conv.weight.device)
-        w = self.conv.weight.detach()[idx, :, 0, 0]
-        b = self.conv.bias.detach()[idx]
-        return w.float().cpu().numpy(), b.float().cpu().numpy()
-
-
 class PixNet(StmapModel):
     """Dense model: (B, 3, H, W) in [0, 1] -> (B, G + 1, H / stride, W / stride) counts.
 
@@ -394,25 +359,26 @@ class PixNet(StmapModel):
 
     arch = "pixnet"
     input_kind = "dense"
+    options: ClassVar[dict[str, Any]] = {
+        **BASE_OPTIONS,
+        "stride": 4,
+        "decoder_channels": None,
+        "attn_windows": None,
+        "head_dim": 32,
+        "context_channels": 0,
+        "context_window": 3,
+        "halo_px": None,
+        "init_counts_per_px": None,
+    }
 
     def __init__(self, genes: Sequence[str], **config: Any) -> None:
-        cfg = fill_config(self.arch, genes, config, _PIXNET_OPTIONS)
-        encoder = encoder_from_config(cfg)
-        super().__init__(
-            genes=genes,
-            mpp=cfg["mpp"],
-            normalisation=cfg["normalisation"],
-            mean=cfg["mean"],
-            std=cfg["std"],
-        )
-        self.encoder = encoder
+        super().__init__(genes, **config)
+        cfg = self.config
         self._build_decoder(cfg)
         self.head_ = PointwiseHead(
             self.decoder.out_channels, self.num_outputs, cfg["init_counts_per_px"]
         )
-        self.config = cfg
         self.stride = int(cfg["stride"])
-        self.align_px = encoder.max_stride
         self._set_halo(cfg["halo_px"])
 
     def _build_decoder(self, cfg: dict[str, Any]) -> None:
@@ -458,41 +424,5 @@ class PixNet(StmapModel):
             raise StmapInputError(msg)
         return self.decoder(self.encoder(self.normalise(x)))
 
-    def head(self, e: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, G + 1, h, w) non-negative expected counts per output pixel."""
-        return self.head_(e)
 
-    def head_rows(self, gene_indices: Sequence[int | str]) -> tuple[np.ndarray, np.ndarray]:
-        """Head weights (k, D) and biases (k,) for some outputs (indices or names, "total").
-
-        ``softplus(W @ e + b)`` with e of shape (D, ...) reproduces :meth:`head` for those
-        channels, so a viewer can map one gene from a cached embedding with numpy.
-        """
-        return self.head_.rows([self.channel_index(g) for g in gene_indices])
-
-
-_PIXNET_OPTIONS: dict[str, Any] = {
-    **ENCODER_OPTIONS,
-    "stride": 4,
-    "decoder_channels": None,
-    "attn_windows": None,
-    "head_dim": 32,
-    "context_channels": 0,
-    "context_window": 3,
-    "mpp": 0.5,
-    "halo_px": None,
-    "init_counts_per_px": None,
-    "normalisation": "log1p_cp10k",
-}
-
-
-@register_model("pixnet")
-def pixnet(genes: Sequence[str], **config: Any) -> PixNet:
-    """PixNet; defaults to :data:`PIXNET_DEFAULT_CONFIG` (ResNet-18, stride 4)."""
-    return PixNet(genes, **config)
-
-
-@register_model("pixnet_tiny")
-def pixnet_tiny(genes: Sequence[str], **config: Any) -> PixNet:
-    """PixNet preset for tests (:data:`PIXNET_TINY_CONFIG`); saved files say ``pixnet``."""
-    return PixNet(genes, **{**PIXNET_TINY_CONFIG, **config})
+register_presets(PixNet, {"pixnet": {}, "pixnet_tiny": PIXNET_TINY_CONFIG})
