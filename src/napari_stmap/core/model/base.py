@@ -37,8 +37,18 @@ class StmapModel(nn.Module):
     ----------
     genes : sequence of str
         Gene names (G); a ``"total"`` channel is appended.
+    encoder : str
+        timm model name (see :mod:`~napari_stmap.core.model.encoder`).
+    pretrained, encoder_weights, allow_pickle, encoder_out_indices, encoder_kwargs
+        Encoder weights and timm options (:class:`~napari_stmap.core.model.encoder.TimmEncoder`).
+    mean, std : list of float, optional
+        RGB standardisation; default: the encoder's pretrained config.
+    mpp : float
+        µm/px of the input the model works at.
+    normalisation : str
+        Target normalisation (``"log1p_cp10k"``).
     **config
-        Keywords of the architecture (keys of :attr:`options`; unknown keys are refused).
+        The architecture's own keywords (keys of :attr:`options`; unknown keys are refused).
 
     Attributes
     ----------
@@ -67,6 +77,9 @@ class StmapModel(nn.Module):
     input_kind : {"dense", "spot", "bins"}
         ``"dense"``: tiles in, maps out. ``"spot"``: one crop per spot in, one vector out.
         ``"bins"``: bin views and context in, one vector per bin out.
+    head_ : PointwiseHead or LinearHead
+        The head (:mod:`~napari_stmap.core.model.heads`), built by the subclass;
+        :meth:`head` and :meth:`head_rows` use it.
     metadata : dict
         Metadata of the file the model was loaded from (empty for a new model).
     """

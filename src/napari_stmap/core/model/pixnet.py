@@ -329,8 +329,6 @@ class PixNet(StmapModel):
     ----------
     genes : sequence of str
         Gene names (G); a ``"total"`` channel is appended.
-    encoder : str
-        timm model name (see :mod:`~napari_stmap.core.model.encoder`).
     stride : int
         Output stride in input px (4 -> 2 µm pixels at 0.5 µm/px).
     decoder_channels, attn_windows : sequence of int, optional
@@ -342,19 +340,14 @@ class PixNet(StmapModel):
     context_channels, context_window : int
         A :class:`ContextBranch` of that width (0: none) over a window of that many
         max-stride cells, concatenated to the embedding.
-    mpp : float
-        µm/px the model works at.
     halo_px : int, optional
         Override the measured halo (input px; rounded up to ``align_px``). A halo below the
         receptive field is faster but not exact (``exact_tiling`` becomes False).
     init_counts_per_px : float or list of float, optional
         Prior mean counts per output pixel for the head bias.
-    normalisation : str
-        Target normalisation (``"log1p_cp10k"``).
-    pretrained, encoder_weights, allow_pickle, encoder_out_indices, encoder_kwargs
-        Encoder weights and timm options (:class:`~napari_stmap.core.model.encoder.TimmEncoder`).
-    mean, std : list of float, optional
-        RGB standardisation; default: the encoder's pretrained config.
+    mpp, normalisation, encoder, pretrained, encoder_weights, allow_pickle, encoder_out_indices,
+    encoder_kwargs, mean, std
+        As for :class:`~napari_stmap.core.model.base.StmapModel`.
     """
 
     arch = "pixnet"

@@ -34,15 +34,11 @@ class SpotNet(StmapModel):
         Gene names (G); a ``"total"`` channel is appended.
     crop_um : float
         Width of the square crop around each spot centre (µm); ``crop_px = round(crop_um / mpp)``.
-    mpp : float
-        µm/px the model works at.
     init_counts_per_spot : float or list of float, optional
         Prior mean counts per spot for the head bias.
-    normalisation : str
-        Target normalisation (``"log1p_cp10k"``).
-    encoder, pretrained, encoder_weights, allow_pickle, encoder_out_indices, encoder_kwargs,
-    mean, std
-        As for :class:`~napari_stmap.core.model.pixnet.PixNet`.
+    mpp, normalisation, encoder, pretrained, encoder_weights, allow_pickle, encoder_out_indices,
+    encoder_kwargs, mean, std
+        As for :class:`~napari_stmap.core.model.base.StmapModel`.
     """
 
     arch = "spotnet"
