@@ -47,7 +47,7 @@ GENES = [f"GENE{i:03d}" for i in range(50)]
 # ------------------------------------------------------------------------------- slides
 def _source_rgb(work: Path) -> np.ndarray:
     """A small synthetic H&E image (y, x, 3) to tile from."""
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.synthetic import write_synthetic
 
     sample = write_synthetic(
@@ -206,8 +206,8 @@ def bench_dense(slide_path: Path, model_path: Path, region_px: int, tile_px, dev
 def bench_spot(slide_path: Path, spotnet, region_px: int, n_bins: int, device, batch):
     """SpotNet, one 112 µm crop per 8 µm bin, over ``n_bins`` bins of the region."""
     from napari_stmap.core.geometry import squares
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.predict_dense import predict_spots
-    from napari_stmap.core.slide import open_slide
 
     slide = open_slide(slide_path)
     side = 8.0 / slide.mpp
@@ -225,7 +225,7 @@ def bench_network_only(pixnet, slide_path: Path, spec, device, batch, reps):
     import torch
 
     from napari_stmap.core.engine import SlideReader, embed_windows
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.io.slide import open_slide
 
     reader = SlideReader(open_slide(slide_path), spec)
     images = np.stack([reader.window((0, j % spec.grid_shape[1])) for j in range(batch)])
@@ -293,7 +293,7 @@ def bench_rss(work: Path, src: np.ndarray, model_path: Path, side_px: int) -> li
 def bench_gene_switch(work: Path, slide_path: Path, pixnet, viewport: int = 1024, genes: int = 5):
     """ms to compute a viewport of a new gene from cached (random-filled) embeddings."""
     from napari_stmap.core.engine import gene_view
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.store import open_store
     from napari_stmap.core.tiling import plan_tiles
 

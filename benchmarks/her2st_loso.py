@@ -49,9 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_stmap.core.evaluate import depth_factors, load_measured, scale_key, spot_density
+from napari_stmap.core.io.slide import open_slide, read_at_mpp
 from napari_stmap.core.metrics import evaluate_expression
-from napari_stmap.core.predict_dense import read_at_mpp
-from napari_stmap.core.slide import open_slide
 from napari_stmap.core.train import TrainConfig, select_genes, train_model
 
 log = logging.getLogger("her2st_loso")
@@ -471,7 +470,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in (
-        "napari_stmap.core.slide",
+        "napari_stmap.core.io.slide",
         "napari_stmap.core.spots",
         "napari_stmap.core.metrics",
     ):

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in (
-        "napari_stmap.core.slide",
+        "napari_stmap.core.io.slide",
         "napari_stmap.core.spots",
         "napari_stmap.core.metrics",
     ):

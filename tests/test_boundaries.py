@@ -31,7 +31,7 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_core_imports_no_gui():
     modules = [m.name for m in pkgutil.walk_packages(core_pkg.__path__, "napari_stmap.core.")]
-    assert "napari_stmap.core.slide" in modules
+    assert "napari_stmap.core.io.slide" in modules
     code = "\n".join(f"import {m}" for m in modules)
     loaded = _loaded_after(code)
     assert not loaded.intersection(GUI_MODULES), loaded.intersection(GUI_MODULES)

@@ -24,9 +24,9 @@ from napari_stmap.core.engine import (
     view_grid,
 )
 from napari_stmap.core.errors import StmapInputError
+from napari_stmap.core.io.slide import open_slide, read_at_mpp
 from napari_stmap.core.model import create_model, load_model, save_model
-from napari_stmap.core.predict_dense import predict_map, read_at_mpp
-from napari_stmap.core.slide import open_slide
+from napari_stmap.core.predict_dense import predict_map
 from napari_stmap.core.store import DONE, SKIPPED, TODO, LRUCache, open_store
 from napari_stmap.core.tiling import plan_tiles
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`napari_stmap.core.slide`: formats, µm/px, laziness, regions, errors."""
+"""Tests for :mod:`napari_stmap.core.io.slide`: formats, µm/px, laziness, regions, errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from napari_stmap.core import slide as slide_mod
 from napari_stmap.core.errors import StmapInputError, StmapInputWarning
-from napari_stmap.core.slide import UNKNOWN_MPP_FALLBACK, Slide, open_slide
+from napari_stmap.core.io import slide as slide_mod
+from napari_stmap.core.io.slide import UNKNOWN_MPP_FALLBACK, Slide, open_slide
 
 RNG = np.random.default_rng(0)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.slide import Slide, open_slide
+from napari_stmap.core.io.slide import Slide, open_slide
 from napari_stmap.core.tiling import (
     TileSpec,
     TissueMask,

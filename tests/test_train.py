@@ -109,8 +109,8 @@ def test_cli_train_evaluate_spotnet(tmp_path, pair):
     from dataclasses import replace
 
     from napari_stmap.core.evaluate import evaluate_measured, load_measured
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import load_model
-    from napari_stmap.core.slide import open_slide
 
     model = tmp_path / "spot.safetensors"
     opts = "--arch spotnet_tiny --genes top:6 --epochs 1 --batch-size 4 --steps-per-epoch 2"
@@ -327,9 +327,9 @@ def test_finer_scale_refused(pair, tmp_path):
 
 # ------------------------------------------------------------------------- dense prediction
 def test_predict_map_tiles_match_single_pass(pair):
+    from napari_stmap.core.io.slide import open_slide, read_at_mpp
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.predict_dense import predict_map, predict_spots, read_at_mpp
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.predict_dense import predict_map, predict_spots
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=["a", "b"], mpp=0.5).eval()
@@ -356,8 +356,7 @@ def test_predict_map_tiles_match_single_pass(pair):
 
 
 def test_read_at_mpp_resamples(pair):
-    from napari_stmap.core.predict_dense import read_at_mpp
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.io.slide import open_slide, read_at_mpp
 
     slide = open_slide(pair[0])
     full = read_at_mpp(slide, (100, 100), (64, 64), 0.5)
@@ -405,9 +404,9 @@ def test_colour_augmentation_keeps_range():
 
 def test_spot_model_scales_by_area(pair):
     from napari_stmap.core.geometry import Disk, Square
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import create_model
     from napari_stmap.core.predict_dense import predict_spots
-    from napari_stmap.core.slide import open_slide
 
     model = create_model("spotnet_tiny", genes=["a", "b"]).eval()
     model.metadata = {"training": {"spot_area_um2": 256.0}}  # trained on 16 µm bins
@@ -521,9 +520,9 @@ def test_dihedral_embedding_is_equivariant(arch):
 
 
 def test_tta_maps_are_still_seamless(pair):
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import create_model
     from napari_stmap.core.predict_dense import predict_map
-    from napari_stmap.core.slide import open_slide
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=["a", "b"], mpp=0.5).eval()

@@ -32,8 +32,8 @@ def test_bin_lattice_and_prediction(small_sample, magnet_file):
         model_bin_um,
         predict_bin_region,
     )
+    from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import load_model
-    from napari_stmap.core.slide import open_slide
 
     c = bin_lattice((0, 0, 100, 70), 32.0, shape_yx=(100, 70))
     assert c.tolist() == [[16, 16], [16, 48], [48, 16], [48, 48], [80, 16], [80, 48]]

@@ -91,7 +91,7 @@ def cmd_predict(args) -> int:
     """``stmap predict --model M --slide S --out STORE.zarr [...]``."""
     from .cli import _progress
     from .core.engine import predict_cohort
-    from .core.slide import open_slide
+    from .core.io.slide import open_slide
 
     pairs = _cohort(args)
     for slide, _ in pairs:
@@ -241,7 +241,7 @@ def _write(args, store, regions, sums, mpp: float) -> Path:
     import numpy as np
 
     from .core.export import build_anndata, write_regions
-    from .core.slide import open_slide
+    from .core.io.slide import open_slide
 
     slide = open_slide(store.meta["slide"]["path"], mpp=mpp)
     thumb = slide.thumbnail(2000)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from .core.io.slide import Slide
     from .core.regions import Annotation
-    from .core.slide import Slide
     from .core.spots import Spots
 
 LayerData = tuple[Any, dict[str, Any], str]

@@ -60,7 +60,7 @@ def _classify(path: Path) -> str | None:
 def read_slide_layers(path: str | list[str]) -> list:
     """Layer data for one slide: ``[(levels, kwargs, "image")]``."""
     from ._layers import slide_layer
-    from .core.slide import open_slide
+    from .core.io.slide import open_slide
 
     path = path[0] if isinstance(path, list) else path
     return [slide_layer(open_slide(path))]

@@ -371,7 +371,7 @@ class Session(QObject):
 
     # --- inputs ----------------------------------------------------------------------------
     def set_slide(self, slide, layer_name: str | None = None) -> None:
-        """Use ``slide`` (a :class:`~napari_stmap.core.slide.Slide`); drops the predictor."""
+        """Use ``slide`` (a :class:`~napari_stmap.core.io.slide.Slide`); drops the predictor."""
         self.slide, self.slide_layer_name = slide, layer_name
         self.drop_predictor()
         self.set_bins(None)

@@ -33,7 +33,7 @@ MEASURED_LAYER = f"{PREFIX}measured total counts"
 
 
 def _read_slide(path: str):
-    from napari_stmap.core.slide import open_slide
+    from napari_stmap.core.io.slide import open_slide
 
     return open_slide(path)
 

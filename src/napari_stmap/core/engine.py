@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.geometry import MapGrid
-from napari_stmap.core.store import (
+from .errors import StmapInputError
+from .geometry import MapGrid
+from .io.slide import Slide, open_slide, resample_window
+from .store import (
     DONE,
     SKIPPED,
     TODO,
@@ -62,12 +63,10 @@ from napari_stmap.core.store import (
     open_store,
     read_store_meta,
 )
-from napari_stmap.core.tiling import TileSpec, TissueMask, plan_tiles, tissue_mask, tissue_tiles
+from .tiling import TileSpec, TissueMask, plan_tiles, tissue_mask, tissue_tiles
 
 if TYPE_CHECKING:
     import dask.array as da
-
-    from napari_stmap.core.slide import Slide
 
 __all__ = [
     "DEFAULT_IMAGE_CACHE_BYTES",
@@ -119,26 +118,13 @@ class SlideReader:
     def window(self, tile: Tile) -> np.ndarray:
         """The read window of ``tile``: ``(W, W, 3)`` uint8 RGB at model px, white off-slide.
 
-        Read from ``spec.level`` and resized with PIL's antialiased bilinear filter over exact
-        box geometry (as :func:`~napari_stmap.core.predict_dense.read_at_mpp`); no resize when
-        the level is at the model's µm/px.
+        Read from ``spec.level`` through the block cache and resized by
+        :func:`~napari_stmap.core.io.slide.resample_window` (the resampler behind
+        :func:`~napari_stmap.core.io.slide.read_at_mpp`); no resize when the level is at the
+        model's µm/px.
         """
         y0, x0, y1, x1 = self.spec.window_model(tile)
-        r = self.spec.scale
-        if abs(r - 1.0) < 1e-6:
-            return self.read_level(y0, x0, y1, x1)
-        return self._resampled(y0, x0, y1 - y0, x1 - x0, r)
-
-    def _resampled(self, oy: int, ox: int, h: int, w: int, r: float) -> np.ndarray:
-        from PIL import Image
-
-        ly0, lx0, ly1, lx1 = oy * r, ox * r, (oy + h) * r, (ox + w) * r
-        pad = math.ceil(2 * max(r, 1.0)) + 2
-        iy0, ix0 = math.floor(ly0) - pad, math.floor(lx0) - pad
-        iy1, ix1 = math.ceil(ly1) + pad, math.ceil(lx1) + pad
-        crop = Image.fromarray(self.read_level(iy0, ix0, iy1, ix1))
-        box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
-        return np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR, box=box), np.uint8)
+        return resample_window(self.read_level, (y0, x0), (y1 - y0, x1 - x0), self.spec.scale)
 
     def read_level(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """Level px ``[y0, y1) × [x0, x1)`` of ``spec.level`` as (h, w, 3) uint8; white outside."""
@@ -570,7 +556,7 @@ class Predictor:
     Parameters
     ----------
     slide : Slide or path
-        The slide (opened with :func:`~napari_stmap.core.slide.open_slide` if a path).
+        The slide (opened with :func:`~napari_stmap.core.io.slide.open_slide` if a path).
     model : StmapModel or path
         A dense model, or its ``.safetensors`` file (loaded once). A model object is moved to
         ``device`` and put in eval mode.
@@ -837,8 +823,6 @@ class Predictor:
 
 
 def _as_slide(slide: Any) -> Slide:
-    from napari_stmap.core.slide import open_slide
-
     return slide if hasattr(slide, "levels") else open_slide(slide)
 
 
@@ -1538,8 +1522,6 @@ def _predictor_for_store(
             f"{store.path} does not record its model file; pass model= (the model it was made with)"
         )
         raise StmapInputError(msg)
-    from napari_stmap.core.slide import open_slide
-
     slide = open_slide(meta["slide"]["path"], mpp=meta["slide"]["mpp"])
     return Predictor(slide, model, store.path, device=device, batch_size=batch_size)
 
@@ -1646,8 +1628,6 @@ def _cached_model(path: str, sha: str | None, device: str) -> Any:
 
 
 def _cached_slide(job: _Job, spec: TileSpec) -> SlideReader:
-    from napari_stmap.core.slide import open_slide
-
     def make() -> tuple[Any, SlideReader]:
         slide = open_slide(job.slide_path, mpp=job.slide_mpp)
         return slide, SlideReader(slide, spec, job.image_cache_bytes)

@@ -727,7 +727,7 @@ def evaluate_model(
     ``model`` may be a path to a ``.safetensors`` model file. ``result["data"]["slide"]``
     records the slide path.
     """
-    from napari_stmap.core.slide import Slide, open_slide
+    from .io.slide import Slide, open_slide
 
     if isinstance(model, (str, Path)):
         from napari_stmap.core.model import load_model

@@ -63,7 +63,7 @@ def describe(path: str | Path, *, mpp: float | None = None, bin_um: float | None
 
 
 def _describe_slide(path: Path, mpp: float | None) -> dict:
-    from .slide import open_slide
+    from .io.slide import open_slide
 
     slide = open_slide(path, mpp=mpp)
     return {

@@ -1,10 +1,12 @@
 """Dense prediction without the engine: read a slide at the model's µm/px, tile, stitch.
 
+Slide windows come from :func:`~napari_stmap.core.io.slide.read_at_mpp` (the one resampler).
+
 Coordinates
 -----------
 Two pixel frames appear here, both with axis order (y, x):
 
-- **level-0 px** of the slide (what :class:`~napari_stmap.core.spots.Spots` and
+- **level-0 px** of the slide (what :class:`~napari_stmap.core.io.spots.Spots` and
   :class:`~napari_stmap.core.geometry.MapGrid` use), and
 - **model px**: the slide resampled to the model's ``mpp``. Model pixel ``(i, j)`` covers
   level-0 px ``[i·f, (i+1)·f) × [j·f, (j+1)·f)`` with ``f = model_mpp / slide.mpp``, so model
@@ -36,22 +38,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.geometry import Footprint, MapGrid, disks, squares, weight_matrix
-
-if TYPE_CHECKING:
-    from napari_stmap.core.slide import Slide
+from .aggregate import aggregate
+from .errors import StmapInputError
+from .geometry import Footprint, MapGrid, disks, squares, weight_matrix
+from .io.slide import Slide, model_px_per_level0, read_at_mpp
+from .tiling import _round_up
 
 __all__ = [
     "dihedral_embed",
-    "model_px_per_level0",
     "predict_map",
     "predict_spots",
-    "read_at_mpp",
     "spot_footprints",
 ]
 
@@ -63,88 +63,7 @@ DEFAULT_TILE_PX = 512
 DEFAULT_CHUNK_PX = 2048
 
 
-# ------------------------------------------------------------------------------- resampling
-def model_px_per_level0(slide: Slide, mpp: float) -> float:
-    """Level-0 px per model px, ``f = mpp / slide.mpp``."""
-    if not (math.isfinite(mpp) and mpp > 0):
-        msg = f"model µm/px must be a positive number, got {mpp!r}"
-        raise StmapInputError(msg)
-    return float(mpp) / float(slide.mpp)
-
-
-def read_at_mpp(
-    slide: Slide, origin_yx: tuple[int, int], shape_hw: tuple[int, int], mpp: float
-) -> np.ndarray:
-    """Read a region of the slide resampled to ``mpp`` µm/px.
-
-    Parameters
-    ----------
-    slide : Slide
-        The slide.
-    origin_yx : (int, int)
-        Top-left model px (y, x) of the region (may be negative: outside is white).
-    shape_hw : (int, int)
-        Size (h, w) in model px.
-    mpp : float
-        Target µm/px.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(h, w, 3)`` uint8 RGB. Read from the coarsest pyramid level that is at least as fine
-        as ``mpp`` (:meth:`Slide.best_level_for_mpp`) and resized with an antialiasing
-        (triangle) filter whose geometry is exact to sub-pixel; read directly, without
-        resampling, when that level is already at ``mpp``.
-    """
-    oy, ox = (int(v) for v in origin_yx)
-    h, w = (int(v) for v in shape_hw)
-    f = model_px_per_level0(slide, mpp)
-    level = slide.best_level_for_mpp(mpp)
-    d = slide.downsamples[level]
-    r = f / d  # level px per model px
-    if abs(r - 1.0) < 1e-6:
-        box = (round(oy * d), round(ox * d), round((oy + h) * d), round((ox + w) * d))
-        return _fit(slide.read_region(box, level), h, w)
-    return _resample(slide, level, d, r, (oy, ox, h, w))
-
-
-def _resample(
-    slide: Slide, level: int, d: float, r: float, region: tuple[int, int, int, int]
-) -> np.ndarray:
-    """Read level px around a model-px region and resize it with exact box geometry."""
-    from PIL import Image
-
-    oy, ox, h, w = region
-    ly0, lx0, ly1, lx1 = oy * r, ox * r, (oy + h) * r, (ox + w) * r
-    pad = math.ceil(2 * max(r, 1.0)) + 2
-    iy0, ix0 = math.floor(ly0) - pad, math.floor(lx0) - pad
-    iy1, ix1 = math.ceil(ly1) + pad, math.ceil(lx1) + pad
-    box0 = (round(iy0 * d), round(ix0 * d), round(iy1 * d), round(ix1 * d))
-    crop = _fit(slide.read_region(box0, level), iy1 - iy0, ix1 - ix0)
-    image = Image.fromarray(crop)
-    out = image.resize(
-        (w, h),
-        Image.Resampling.BILINEAR,
-        box=(lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0),
-    )
-    return np.asarray(out, dtype=np.uint8)
-
-
-def _fit(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Crop or white-pad an image to exactly (h, w) (guards ±1 px rounding of odd levels)."""
-    if img.shape[0] == h and img.shape[1] == w:
-        return img
-    out = np.full((h, w, 3), 255, dtype=np.uint8)
-    hh, ww = min(h, img.shape[0]), min(w, img.shape[1])
-    out[:hh, :ww] = img[:hh, :ww]
-    return out
-
-
 # ------------------------------------------------------------------------------ dense maps
-def _round_up(value: float, step: int) -> int:
-    return int(math.ceil(value / step - 1e-9)) * step
-
-
 def _align(model: Any) -> int:
     """Tile origins and sizes step: the least common multiple of ``align_px`` and ``stride``."""
     a, s = max(int(model.align_px), 1), max(int(model.stride), 1)
@@ -371,7 +290,7 @@ def predict_spots(
     if kind == "spot":
         return _crop_spots(model, slide, fps, device, batch_size, progress, tta)
     if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
-        from napari_stmap.core.model.magnet import predict_footprints
+        from napari_stmap.core.bins import predict_footprints
 
         step = None if progress is None else _in_spots(progress, 0, len(fps), len(fps))
         kw = {"device": device, "batch_size": batch_size, "progress": step, "tta": tta}
@@ -384,8 +303,6 @@ def _dense_spots(
     model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta=False
 ) -> np.ndarray:
     """Group footprints by centre into chunks, predict each chunk's bbox, aggregate."""
-    from napari_stmap.core.aggregate import aggregate
-
     f = model_px_per_level0(slide, model.mpp)
     boxes = np.array([fp.bbox_yx() for fp in fps], dtype=float)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2

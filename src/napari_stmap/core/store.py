@@ -44,7 +44,7 @@ from napari_stmap.core.geometry import MapGrid
 from napari_stmap.core.tiling import TileSpec
 
 if TYPE_CHECKING:
-    from napari_stmap.core.slide import Slide
+    from .io.slide import Slide
 
 __all__ = [
     "DONE",

@@ -38,7 +38,7 @@ from napari_stmap.core.geometry import MapGrid
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from napari_stmap.core.slide import Slide
+    from .io.slide import Slide
 
 __all__ = [
     "DEFAULT_TILE_PX",

@@ -31,7 +31,7 @@ the 8 turns and flips of every tile or crop
 Data
 ----
 - Every slide is read at the model's µm/px from the nearest finer pyramid level
-  (:func:`~napari_stmap.core.predict_dense.read_at_mpp`); the region around its spots is cached
+  (:func:`~napari_stmap.core.io.slide.read_at_mpp`); the region around its spots is cached
   in memory when it is smaller than ``cache_mb``, else tiles are read on demand.
 - **Depth**: each slide's counts (genes and total) are multiplied by ``reference / d_k``, where
   ``d_k`` is the slide's median total counts per µm² of (in-tissue) spot area and ``reference``
@@ -117,8 +117,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.evaluate import (
+from .errors import StmapInputError
+from .evaluate import (
     Measured,
     Units,
     depth_factors,
@@ -127,6 +127,7 @@ from napari_stmap.core.evaluate import (
     scale_key,
     spot_density,
 )
+from .io.slide import open_slide, read_at_mpp
 
 __all__ = [
     "CPU_ENCODER",
@@ -389,8 +390,6 @@ class TrainSlide:
 
     def read(self, origin: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
         """(h, w, 3) uint8 at model µm/px; from the cache when it covers the region."""
-        from napari_stmap.core.predict_dense import read_at_mpp
-
         oy, ox = (int(v) for v in origin)
         h, w = shape
         if self.cache is not None:
@@ -402,8 +401,6 @@ class TrainSlide:
 
     def build_cache(self, margin: int, limit_mb: float) -> None:
         """Read the region around all units once, if it fits in ``limit_mb`` MiB."""
-        from napari_stmap.core.predict_dense import read_at_mpp
-
         lo = np.min([t.centers.min(axis=0) - t.size for t in self.tables.values()], axis=0)
         hi = np.max([t.centers.max(axis=0) + t.size for t in self.tables.values()], axis=0)
         origin = np.floor(lo - margin).astype(np.int64)
@@ -536,8 +533,6 @@ def load_training_data(
     slides, genes, depth, cfg
         ``depth = {"reference_counts_per_um2": r, "factors": [...], "densities": [...]}``.
     """
-    from napari_stmap.core.slide import open_slide
-
     paths = _slide_pairs(pairs)
     slides = [open_slide(s) for s, _ in paths]
     wanted = [_requested_scales(p, cfg) for _, p in paths]
@@ -1186,7 +1181,6 @@ class _Trainer:
     def _load_val(self, val) -> dict[str, Any] | None:
         if val is None:
             return None
-        from napari_stmap.core.slide import open_slide
         from napari_stmap.core.spots import available_bin_sizes
 
         slide_path, spots_path = Path(val[0]), Path(val[1])

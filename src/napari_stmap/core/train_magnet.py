@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .io.slide import read_at_mpp
+
 __all__ = ["GroupData", "magnet_forward", "magnet_kwargs", "make_group_batch"]
 
 #: Units with ``sqrt(area)`` at least this (µm) get the large-spot views.
@@ -68,8 +70,6 @@ class GroupData:
 
     def read(self, ts: Any, s: int, level: int, mpp: float, origin, side: int, reach: float):
         """(side, side, 3) uint8 at ``mpp`` from the level's cache (read once) or the slide."""
-        from napari_stmap.core.predict_dense import read_at_mpp
-
         key = (s, level)
         if key not in self.caches:
             self.caches[key] = _level_cache(ts, mpp, reach)
@@ -85,8 +85,6 @@ class GroupData:
 
 def _level_cache(ts: Any, mpp: float, reach: float, limit_mb: float = 256.0):
     """The region around all units of a slide at ``mpp``, if it is small enough."""
-    from napari_stmap.core.predict_dense import read_at_mpp
-
     scale = ts.mpp / mpp
     lo = np.min([t.centers.min(axis=0) for t in ts.tables.values()], axis=0) * scale - reach
     hi = np.max([t.centers.max(axis=0) for t in ts.tables.values()], axis=0) * scale + reach
