@@ -290,7 +290,7 @@ def predict_spots(
     if kind == "spot":
         return _crop_spots(model, slide, fps, device, batch_size, progress, tta)
     if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
-        from napari_stmap.core.model.magnet import predict_footprints
+        from napari_stmap.core.bins import predict_footprints
 
         step = None if progress is None else _in_spots(progress, 0, len(fps), len(fps))
         kw = {"device": device, "batch_size": batch_size, "progress": step, "tta": tta}

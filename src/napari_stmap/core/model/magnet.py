@@ -36,7 +36,8 @@ What differs from the paper (and why)
   view around every view, in training and in inference alike, so the network is trained on
   what it sees at inference. With an encoder whose receptive field is its own cell, both
   paths agree exactly for views aligned to the encoder stride (tested);
-  :func:`predict_bins` with ``shared_context=False`` runs the per-bin crop path.
+  :func:`~napari_stmap.core.bins.predict_bins` with ``shared_context=False`` runs the per-bin
+  crop path.
 - Bins of one training batch are neighbours (an anchor bin and its nearest bins), so the kNN
   graph is meaningful; inference uses the kNN graph of all bins passed. Every level uses the
   graph of the bins (the paper builds separate graphs of its context patches); its
@@ -46,7 +47,8 @@ What differs from the paper (and why)
   precomputed by a frozen network: ``context_encoder="frozen"`` with pretrained weights).
 - Outputs follow the project's value rule: non-negative expected counts of the bin (softplus),
   normalised expression computed from them; trained on counts × reference area / bin area
-  (like SpotNet), and :func:`predict_bins` scales back by each bin's area.
+  (like SpotNet), and :func:`~napari_stmap.core.bins.predict_bins` scales back by each bin's
+  area.
 
 Defaults: views of 56 / 112 / 256 µm (the paper's 112 / 224 / 512 px at 0.5 µm/px); the
 bin view at the model's µm/px, the context views at 64 px each (1.75 and 4 µm/px).
@@ -55,9 +57,9 @@ bin view at the model's µm/px, the context views at 64 px each (1.75 and 4 µm/
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,20 +73,13 @@ from .encoder import encoder_from_config
 from .heads import GlobalPool, LinearHead
 from .registry import register_presets
 
-if TYPE_CHECKING:
-    from napari_stmap.core.geometry import MapGrid
-    from napari_stmap.core.slide import Slide
-
 __all__ = [
     "MAGNET_TINY_CONFIG",
     "BinBatch",
     "CrossAttentionBlock",
     "GraphAttention",
     "MagNet",
-    "bin_raster",
     "knn_graph",
-    "predict_bins",
-    "predict_footprints",
     "sample_tokens",
     "tile_box",
 ]
@@ -370,11 +365,9 @@ class MagNet(StmapModel):
         Training: weight of the cross-level consistency term (0 turns it off).
     init_counts_per_bin : float or list of float, optional
         Prior mean counts per bin (reference area) for the head bias.
-    normalisation : str
-        Target normalisation (``"log1p_cp10k"``).
-    encoder, pretrained, encoder_weights, allow_pickle, encoder_out_indices, encoder_kwargs,
-    mean, std
-        As for :class:`~napari_stmap.core.model.pixnet.PixNet`.
+    normalisation, encoder, pretrained, encoder_weights, allow_pickle, encoder_out_indices,
+    encoder_kwargs, mean, std
+        As for :class:`~napari_stmap.core.model.base.StmapModel`.
     """
 
     arch = "magnet"
@@ -576,267 +569,3 @@ def _check_views(cfg: dict[str, Any]) -> None:
 
 
 register_presets(MagNet, {"magnet": {}, "magnet_tiny": MAGNET_TINY_CONFIG})
-
-
-# ----------------------------------------------------------------------------- inference
-def predict_bins(
-    model: MagNet,
-    slide: Slide,
-    centers_yx: np.ndarray,
-    *,
-    areas_um2: np.ndarray | None = None,
-    device: Any = "cpu",
-    batch_size: int = 64,
-    chunk_um: float | None = None,
-    shared_context: bool = True,
-    tta: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """Expected counts of bins centred at ``centers_yx``, context shared per chunk.
-
-    Parameters
-    ----------
-    model : MagNet
-        A bin model (``input_kind == "bins"``).
-    slide : Slide
-        The slide.
-    centers_yx : numpy.ndarray
-        (n, 2) bin centres, level-0 px (y, x). The kNN graph is built over all of them.
-    areas_um2 : numpy.ndarray, optional
-        (n,) bin areas (µm²): outputs are scaled by area / the training bin area
-        (``model.metadata["training"]["spot_area_um2"]``); None: the training bin area.
-    device : str or torch.device
-        Where the network runs.
-    batch_size : int
-        Bin views (and, with ``shared_context=False``, context crops) per encoder pass.
-    chunk_um : float, optional
-        Bins are processed in squares of this side (µm; default 4 × the largest view). Each
-        chunk's context tiles are read and encoded once and serve all its bins.
-    shared_context : bool
-        False: encode a crop of every context view of every bin (the per-bin crop path, as in
-        the paper; slower, for comparison).
-    tta : bool
-        Average each bin's level features over the 8 turns and flips of its views and tiles
-        (8 × the cost of pass 1).
-    progress : callable, optional
-        ``progress(done, total)`` over chunks.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n, G + 1) float64 expected counts (genes, then total).
-
-    Notes
-    -----
-    Pass 1 computes each bin's level features (bin view + context tokens + fusion) chunk by
-    chunk; pass 2 runs graph attention, the Transformer and the head over the global kNN
-    graph. A bin's output therefore does not depend on how bins are chunked, except through
-    the context tile its chunk gives its views (see the module notes). Memory: (L + 1) · d
-    floats per bin are held between the passes.
-    """
-    from napari_stmap.core.predict_dense import model_px_per_level0, spot_area_ratio
-
-    centres = np.asarray(centers_yx, dtype=np.float64).reshape(-1, 2)
-    n = len(centres)
-    if n == 0:
-        return np.zeros((0, model.num_outputs), dtype=np.float64)
-    f0 = model_px_per_level0(slide, model.mpp)
-    side = (chunk_um or 4.0 * max(model.config["views_um"])) / model.mpp
-    cell = np.floor(centres / f0 / side).astype(np.int64)
-    keys, group = np.unique(cell, axis=0, return_inverse=True)
-    group = group.ravel()
-    opts = {"device": device, "batch_size": max(int(batch_size), 1), "shared": shared_context}
-    model.eval()
-    z: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for g in range(len(keys)):
-            idx = np.flatnonzero(group == g)
-            zg = _level_features(model, slide, centres[idx], tta=tta, **opts)
-            if not z:
-                z = [torch.zeros((n, t.shape[1]), dtype=torch.float32) for t in zg]
-            for acc, part in zip(z, zg, strict=True):
-                acc[torch.from_numpy(idx)] = part.float().cpu()
-            if progress is not None:
-                progress(g + 1, len(keys))
-        out = _graph_head(model, z, knn_graph(centres, model.k), device, 4096)
-    areas = _default_areas(model, n) if areas_um2 is None else np.asarray(areas_um2, float)
-    return out * spot_area_ratio(model, areas)[:, None]
-
-
-def predict_footprints(
-    model: MagNet, slide: Slide, footprints: Sequence[Any], *, batch_size: int = 64, **kw: Any
-) -> np.ndarray:
-    """:func:`predict_bins` at the centres of footprints (level-0 px), scaled by their areas.
-
-    ``batch_size`` is raised to at least 32 views per pass. Other keywords go to
-    :func:`predict_bins`.
-    """
-    boxes = np.array([fp.bbox_yx() for fp in footprints], dtype=np.float64).reshape(-1, 4)
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    areas = np.array([fp.area_px() for fp in footprints], dtype=np.float64) * slide.mpp**2
-    return predict_bins(
-        model, slide, centres, areas_um2=areas, batch_size=max(int(batch_size), 32), **kw
-    )
-
-
-def _default_areas(model: MagNet, n: int) -> np.ndarray:
-    ref = (getattr(model, "metadata", {}) or {}).get("training", {}).get("spot_area_um2")
-    return np.full(n, float(ref) if ref else 1.0)
-
-
-def _graph_head(model, z, neighbours: np.ndarray, device, rows: int) -> np.ndarray:
-    """Pass 2: graph attention over all bins (neighbours gathered from ``z``), head."""
-    n = neighbours.shape[0]
-    out = np.zeros((n, model.num_outputs), dtype=np.float64)
-    for s in range(0, n, rows):
-        core = np.arange(s, min(n, s + rows))
-        nb = neighbours[core]
-        extra = np.setdiff1d(nb[nb >= 0], core)
-        members = np.concatenate([core, extra])
-        local = np.full(n, -1, dtype=np.int64)
-        local[members] = np.arange(len(members))
-        lnb = np.full((len(members), nb.shape[1]), -1, dtype=np.int64)
-        lnb[: len(core)] = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)
-        sel = torch.from_numpy(members)
-        zl = [t[sel].to(device) for t in z]
-        e, _ = model.graph(zl, torch.from_numpy(lnb).to(device))
-        out[core] = model.head(e[: len(core)]).double().cpu().numpy()
-    return out
-
-
-@dataclass
-class _Context:
-    """Images of one context level for a chunk: one shared tile, or one crop per bin."""
-
-    images: np.ndarray  # (m, s, s, 3) uint8
-    positions: np.ndarray  # (n, 2) bin centres in their image, px
-    image_of: np.ndarray  # (n,) image index of every bin
-
-
-def _chunk_context(model: MagNet, slide: Slide, centres: np.ndarray, shared: bool) -> list:
-    """Per context level, the images a chunk's bins read their context from."""
-    from napari_stmap.core.predict_dense import model_px_per_level0, read_at_mpp
-
-    out = []
-    for level, mpp in enumerate(model.context_mpp):
-        pos = centres / model_px_per_level0(slide, mpp)
-        p, n = model.context_px[level], len(centres)
-        if shared:
-            origin, side = tile_box(pos, p, model.context_margin_px(level), model.context_stride)
-            tile = read_at_mpp(slide, tuple(origin), (side, side), mpp)
-            tile = np.array(tile)[None]  # writable, for torch
-            out.append(_Context(tile, pos - origin, np.zeros(n, dtype=np.int64)))
-        else:
-            crops = _crop_views(slide, pos, p, mpp)
-            rel = pos - np.floor(pos - p / 2 + 0.5)
-            out.append(_Context(crops, rel, np.arange(n)))
-    return out
-
-
-def _turn(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """(B, C, H, W) turned like :func:`~napari_stmap.core.train.turn_image`."""
-    x = torch.rot90(x, k, dims=(2, 3)) if k % 4 else x
-    return torch.flip(x, dims=(3,)) if flip else x
-
-
-def _level_features(
-    model: MagNet,
-    slide: Slide,
-    centres: np.ndarray,
-    *,
-    device: Any,
-    batch_size: int,
-    shared: bool,
-    tta: bool,
-) -> list[torch.Tensor]:
-    """Pass 1 for one chunk: per-level features ``[z_0, ..., z_L]`` (n, d) of its bins."""
-    from napari_stmap.core.predict_dense import model_px_per_level0
-
-    c0 = centres / model_px_per_level0(slide, model.mpp)
-    views = _crop_views(slide, c0, model.view_px, model.mpp)
-    contexts = _chunk_context(model, slide, centres, shared)
-    turns = [(k, f) for k in range(4) for f in (False, True)] if tta else [(0, False)]
-    total: list[torch.Tensor] = []
-    for k, flip in turns:
-        h0 = torch.cat(
-            [
-                model.bin_features(_turn(model.preprocess(views[s : s + batch_size]), k, flip))
-                for s in range(0, len(views), batch_size)
-            ]
-        )
-        tokens = [
-            _context_tokens(model, ctx, level, batch_size, k, flip)
-            for level, ctx in enumerate(contexts)
-        ]
-        z = model.fuse(h0, tokens)
-        total = z if not total else [a + b for a, b in zip(total, z, strict=True)]
-    return [t / len(turns) for t in total]
-
-
-def _context_tokens(model: MagNet, ctx: _Context, level: int, batch: int, k: int, flip: bool):
-    """Tokens (n, t², d) of one level: every image encoded once, its bins sampled from it."""
-    from napari_stmap.core.train import turn_points
-
-    side = ctx.images.shape[1]
-    pos = turn_points(ctx.positions, side, k, flip) if (k % 4 or flip) else ctx.positions
-    rows, parts = [], []
-    for s in range(0, len(ctx.images), batch):
-        fmaps = model.context_map(_turn(model.preprocess(ctx.images[s : s + batch]), k, flip))
-        for j in range(fmaps.shape[0]):
-            sel = np.flatnonzero(ctx.image_of == s + j)
-            rel = torch.as_tensor(pos[sel], dtype=torch.float32, device=fmaps.device)
-            rows.append(sel)
-            parts.append(model.context_tokens(fmaps[j : j + 1], rel, level))
-    tok = torch.cat(parts)
-    order = torch.from_numpy(np.concatenate(rows)).to(tok.device)
-    return torch.zeros_like(tok).index_copy(0, order, tok)
-
-
-def _crop_views(slide: Slide, c: np.ndarray, px: int, mpp: float) -> np.ndarray:
-    """(n, px, px, 3) uint8 views centred on ``c`` (model px), cropped from one region read."""
-    from napari_stmap.core.predict_dense import read_at_mpp
-
-    origins = np.floor(c - px / 2 + 0.5).astype(np.int64)
-    lo = origins.min(axis=0)
-    hi = origins.max(axis=0) + px
-    region = read_at_mpp(slide, tuple(lo), tuple(int(v) for v in hi - lo), mpp)
-    rel = origins - lo
-    return np.stack([region[y : y + px, x : x + px] for y, x in rel])
-
-
-# ------------------------------------------------------------------------------- display
-def bin_raster(
-    centers_yx: np.ndarray, values: np.ndarray, bin_px: float
-) -> tuple[np.ndarray, MapGrid]:
-    """Put per-bin values on an image grid of one pixel per bin (for a napari image layer).
-
-    Parameters
-    ----------
-    centers_yx : numpy.ndarray
-        (n, 2) bin centres, level-0 px (y, x), on a square lattice of pitch ``bin_px``.
-    values : numpy.ndarray
-        (n,) or (n, C) values per bin (e.g. :func:`predict_bins` output).
-    bin_px : float
-        Bin side (lattice pitch), level-0 px.
-
-    Returns
-    -------
-    raster : numpy.ndarray
-        (C, H, W) float32 (or (H, W) for 1-D ``values``); NaN where there is no bin.
-    grid : MapGrid
-        Where the raster lies (``pixel_px = bin_px``): napari ``scale`` / ``translate`` as for
-        dense maps.
-    """
-    from napari_stmap.core.geometry import MapGrid
-
-    c = np.asarray(centers_yx, dtype=np.float64).reshape(-1, 2)
-    v = np.asarray(values, dtype=np.float32)
-    flat = v.ndim == 1
-    v = v.reshape(len(c), -1)
-    first = c.min(axis=0) if len(c) else np.zeros(2)
-    ij = np.rint((c - first) / bin_px).astype(np.int64)
-    h, w = (ij.max(axis=0) + 1).tolist() if len(c) else (0, 0)
-    raster = np.full((v.shape[1], h, w), np.nan, dtype=np.float32)
-    raster[:, ij[:, 0], ij[:, 1]] = v.T
-    grid = MapGrid(tuple(first - bin_px / 2), float(bin_px), (h, w))
-    return (raster[0] if flat else raster), grid

@@ -17,8 +17,8 @@ import numpy as np
 
 from napari_stmap.core.errors import StmapInputError
 
-if TYPE_CHECKING:
-    from .base import StmapModel
+if TYPE_CHECKING:  # typed as nn.Module: base.StmapModel imports this module, not the reverse
+    from torch import nn
 
 __all__ = [
     "TOTAL_CHANNEL",
@@ -32,7 +32,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-_MODEL_BUILDERS: dict[str, Callable[..., StmapModel]] = {}
+_MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _BUILTIN_MODULES = (
     "napari_stmap.core.model.pixnet",
     "napari_stmap.core.model.spotnet",
@@ -43,10 +43,10 @@ _BUILTIN_MODULES = (
 TOTAL_CHANNEL = "total"
 
 
-def register_model(name: str) -> Callable[[Callable[..., StmapModel]], Callable[..., StmapModel]]:
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering ``builder(genes, **config) -> StmapModel`` under ``name``."""
 
-    def _register(builder: Callable[..., StmapModel]) -> Callable[..., StmapModel]:
+    def _register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODEL_BUILDERS and _MODEL_BUILDERS[name] is not builder:
             _logger.warning("model %r registered again; the new builder replaces the old", name)
         _MODEL_BUILDERS[name] = builder
@@ -55,7 +55,7 @@ def register_model(name: str) -> Callable[[Callable[..., StmapModel]], Callable[
     return _register
 
 
-def register_presets(cls: type[StmapModel], presets: Mapping[str, Mapping[str, Any]]) -> None:
+def register_presets(cls: type[nn.Module], presets: Mapping[str, Mapping[str, Any]]) -> None:
     """Register ``cls`` under every preset name: ``cls(genes, **{**preset, **config})``.
 
     Parameters
@@ -71,9 +71,9 @@ def register_presets(cls: type[StmapModel], presets: Mapping[str, Mapping[str, A
 
 
 def _preset_builder(
-    cls: type[StmapModel], name: str, preset: dict[str, Any]
-) -> Callable[..., StmapModel]:
-    def build(genes: Sequence[str], **config: Any) -> StmapModel:
+    cls: type[nn.Module], name: str, preset: dict[str, Any]
+) -> Callable[..., nn.Module]:
+    def build(genes: Sequence[str], **config: Any) -> nn.Module:
         return cls(genes, **{**preset, **config})
 
     build.__name__ = build.__qualname__ = name
@@ -92,8 +92,13 @@ def list_models() -> list[str]:
     return sorted(_MODEL_BUILDERS)
 
 
-def create_model(arch: str, **config: Any) -> StmapModel:
+def create_model(arch: str, **config: Any) -> nn.Module:
     """Build the registered architecture ``arch`` with keyword ``config``.
+
+    Returns
+    -------
+    StmapModel
+        A new network (random init unless the config loads weights), in training mode.
 
     Raises
     ------
