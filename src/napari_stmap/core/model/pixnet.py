@@ -181,14 +181,14 @@ class LocalAttention2d(nn.Module):
 
 
 class ContextBranch(nn.Module):
-    """Neighbourhood context of the deepest features, brought to the output grid.
+    """Neighbourhood context of the deepest features, appended to the decoder's embedding.
 
-    (B, C_deep, h, w) at the encoder's max stride -> k × k mean (cells outside the image left
-    out, not zero-padded) -> 1×1 conv -> LayerNorm -> bilinear up by ``factor`` ->
-    (B, channels, h·factor, w·factor). Concatenated to the decoder's embedding, it gives the
-    pointwise head a descriptor of the tissue around each output pixel (k × max stride px
-    across), which the U-Net's fine stages otherwise carry through a few channels only. Local
-    (finite receptive field), so tiling stays exact.
+    ``forward(x, bottom)``: ``bottom`` (B, C_deep, h, w) at the encoder's max stride -> k × k
+    mean (cells outside the image left out, not zero-padded) -> 1×1 conv -> LayerNorm ->
+    bilinear up by ``factor`` -> (B, channels, h·factor, w·factor), concatenated after the
+    channels of ``x``. It gives the pointwise head a descriptor of the tissue around each
+    output pixel (k × max stride px across), which the U-Net's fine stages otherwise carry
+    through a few channels only. Local (finite receptive field), so tiling stays exact.
     """
 
     def __init__(self, in_ch: int, channels: int, window: int, factor: int) -> None:
@@ -201,8 +201,15 @@ class ContextBranch(nn.Module):
         self.norm = LayerNorm2d(channels)
         self.up = UpsampleBy(factor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.norm(self.proj(self.pool(x))))
+    def forward(self, x: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.up(self.norm(self.proj(self.pool(bottom))))], dim=1)
+
+
+class _NoContext(nn.Module):
+    """Stands in for the :class:`ContextBranch` of a decoder without one: ``x`` unchanged."""
+
+    def forward(self, x: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class _NoSkip(nn.Module):
@@ -293,7 +300,7 @@ class FusionDecoder(nn.Module):
         self.context = (
             ContextBranch(in_chs[0], context_channels, context_window, max(levels) * 2 // stride)
             if context_channels
-            else None
+            else _NoContext()
         )
         self.out_channels = int(channels[-1]) + int(context_channels)
 
@@ -301,10 +308,7 @@ class FusionDecoder(nn.Module):
         bottom = x = _gather(features, self.bottom)
         for block, skip_idx in zip(self.blocks, self.skips, strict=True):
             x = block(x, _gather(features, skip_idx))
-        x = self.norm(x)
-        if self.context is None:
-            return x
-        return torch.cat([x, self.context(bottom)], dim=1)
+        return self.context(self.norm(x), bottom)
 
 
 def _stage_strides(max_stride: int, stride: int) -> list[int]:
