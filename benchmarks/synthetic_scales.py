@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in (
         "napari_stmap.core.io.slide",
-        "napari_stmap.core.spots",
+        "napari_stmap.core.io.spots",
         "napari_stmap.core.metrics",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -10,7 +10,7 @@ import tifffile
 from napari_stmap._layers import grid_affine, slide_layer, spots_layer
 from napari_stmap._reader import napari_get_reader
 from napari_stmap.core.io.slide import open_slide
-from napari_stmap.core.spots import read_visium_hd
+from napari_stmap.core.io.spots import read_visium_hd
 
 
 @pytest.mark.parametrize("name", ["notes.txt", "table.csv", "missing.svs", "data.npy"])

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from PIL import Image
 
 from napari_stmap.core.errors import StmapInputError, StmapInputWarning
-from napari_stmap.core.spots import (
+from napari_stmap.core.io.spots import (
     Spots,
     available_bin_sizes,
     detect_spots_layout,

@@ -237,7 +237,7 @@ def test_depth_normalisation(small_sample, tmp_path):
 
 def test_gene_selection(tmp_path, pair):
     from napari_stmap.core.evaluate import Measured, load_measured
-    from napari_stmap.core.spots import Spots
+    from napari_stmap.core.io.spots import Spots
     from napari_stmap.core.train import read_gene_spec, select_genes
 
     counts = sp.csr_matrix(np.array([[10, 0, 90, 5], [0, 1, 99, 5], [20, 0, 80, 0]], dtype=float))
@@ -275,7 +275,7 @@ def test_gene_selection(tmp_path, pair):
 
 def test_coarser_scale_is_sum_of_bins(pair):
     from napari_stmap.core.evaluate import load_measured
-    from napari_stmap.core.spots import read_visium_hd
+    from napari_stmap.core.io.spots import read_visium_hd
 
     measured = load_measured(pair[1], scales_um=[2, 8])
     assert measured.base_um == 2.0
@@ -295,7 +295,7 @@ def test_coarser_scale_is_sum_of_bins(pair):
 
 def test_finer_scale_refused(pair, tmp_path):
     from napari_stmap.core.evaluate import Measured, load_measured
-    from napari_stmap.core.spots import Spots
+    from napari_stmap.core.io.spots import Spots
 
     with pytest.raises(StmapInputError, match="finer"):
         load_measured(pair[1], scales_um=[1.0])

@@ -20,8 +20,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .core.io.slide import Slide
+    from .core.io.spots import Spots
     from .core.regions import Annotation
-    from .core.spots import Spots
 
 LayerData = tuple[Any, dict[str, Any], str]
 

@@ -41,7 +41,7 @@ def napari_get_reader(path: str | list[str]) -> Callable | None:
 
 
 def _classify(path: Path) -> str | None:
-    from .core.spots import detect_spots_layout
+    from .core.io.spots import detect_spots_layout
 
     if path.is_dir():
         return "spots" if detect_spots_layout(path) else None
@@ -69,7 +69,7 @@ def read_slide_layers(path: str | list[str]) -> list:
 def read_spots_layers(path: str | list[str]) -> list:
     """Layer data for measured spots/bins (+ the Space Ranger hires image when present)."""
     from ._layers import spaceranger_image_layer, spots_layer
-    from .core.spots import read_spots
+    from .core.io.spots import read_spots
 
     path = path[0] if isinstance(path, list) else path
     spots = read_spots(path)

@@ -48,7 +48,7 @@ def synthetic_sample() -> list:
     """Layer data: the synthetic slide and its measured 8 µm bins (total counts)."""
     from ._layers import slide_layer, spots_layer
     from .core.io.slide import open_slide
-    from .core.spots import read_visium_hd
+    from .core.io.spots import read_visium_hd
 
     sample = ensure_sample()
     slide = open_slide(sample.slide)

@@ -53,7 +53,7 @@ class CompareResult:
 
 def scale_choices(spots, path=None) -> list[tuple[float, bool]]:
     """(size µm, checked by default) offered for ``spots``: native, sums of bins, 55 µm disks."""
-    from napari_stmap.core.spots import available_bin_sizes
+    from napari_stmap.core.io.spots import available_bin_sizes
 
     if spots.footprint != "square":
         return [(float(spots.bin_um), True)]
@@ -162,8 +162,8 @@ def unit_values(res: CompareResult, key: str, gene: str) -> tuple[np.ndarray, np
 
 
 def unit_spots(res: CompareResult, key: str, mpp: float):
-    """A :class:`~napari_stmap.core.spots.Spots` of the units of one scale (for layers)."""
-    from napari_stmap.core.spots import Spots
+    """A :class:`~napari_stmap.core.io.spots.Spots` of the units of one scale (for layers)."""
+    from napari_stmap.core.io.spots import Spots
 
     u, base = res.units[key], res.base_spots
     if u.members is None:

@@ -40,7 +40,7 @@ def _read_slide(path: str):
 
 def _read_spots(path: str, bin_um: float | None, slide):
     """Read spots and check them against the slide; returns (spots, warning texts)."""
-    from napari_stmap.core.spots import read_spots
+    from napari_stmap.core.io.spots import read_spots
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -51,7 +51,7 @@ def _read_spots(path: str, bin_um: float | None, slide):
 
 
 def _bin_sizes(path: str) -> list[float]:
-    from napari_stmap.core.spots import available_bin_sizes, detect_spots_layout
+    from napari_stmap.core.io.spots import available_bin_sizes, detect_spots_layout
 
     return available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
 

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from napari_stmap.core.errors import StmapInputError
+from .errors import StmapInputError
+from .io.spots import available_bin_sizes, detect_spots_layout, read_spots
 
 __all__ = [
     "METRIC_KEYS",
@@ -320,8 +321,6 @@ def load_measured(
     Measured
         In-tissue spots only, with total counts over all genes.
     """
-    from napari_stmap.core.spots import available_bin_sizes, detect_spots_layout, read_spots
-
     p = Path(path)
     layout = detect_spots_layout(p)
     available = available_bin_sizes(p) if layout == "visium_hd" else []

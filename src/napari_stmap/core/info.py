@@ -20,7 +20,7 @@ def describe(path: str | Path, *, mpp: float | None = None, bin_um: float | None
         path, "slide": path, "tiles": {"done", "off_tissue", "todo", "total"}, "mpp": µm/px,
         "stride": model px per map px, "genes": [...], ...}`` (see :func:`describe_store`).
     """
-    from .spots import available_bin_sizes, detect_spots_layout, read_spots
+    from .io.spots import available_bin_sizes, detect_spots_layout, read_spots
     from .store import read_store_meta
 
     path = Path(path)

@@ -128,6 +128,7 @@ from .evaluate import (
     spot_density,
 )
 from .io.slide import open_slide, read_at_mpp
+from .io.spots import available_bin_sizes
 
 __all__ = [
     "CPU_ENCODER",
@@ -497,8 +498,6 @@ def _requested_scales(spots_path: Path, cfg: TrainConfig) -> list[float] | None:
     synthetic HD benchmark a map trained at 16 µm only beat 8 + 16 and 2 + 8 + 16 µm at every
     scale, 2 µm included (``benchmarks/synthetic_scales.py``; docs/benchmarks.md).
     """
-    from napari_stmap.core.spots import available_bin_sizes
-
     available = available_bin_sizes(spots_path)
     if not available:
         if cfg.bin_um:
@@ -1181,8 +1180,6 @@ class _Trainer:
     def _load_val(self, val) -> dict[str, Any] | None:
         if val is None:
             return None
-        from napari_stmap.core.spots import available_bin_sizes
-
         slide_path, spots_path = Path(val[0]), Path(val[1])
         slide = open_slide(slide_path)
         scales = [max(self.scales)] if available_bin_sizes(spots_path) else None
