@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 
 from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.geometry import Disk, Ellipse, Polygon, Rectangle
-from napari_stmap.core.regions import (
+from napari_stmap.core.geometry import Disk, Ellipse, Polygon, Rectangle, Region
+from napari_stmap.core.io.regions import (
     Annotation,
-    Region,
-    annotations_from_shapes,
-    combine_parts,
-    footprint_shape,
     is_geojson,
     read_annotations,
     read_geojson,
+    write_geojson,
+)
+from napari_stmap.core.regions import (
+    annotations_from_shapes,
+    combine_parts,
+    footprint_shape,
     region_parts,
     regions_from_shapes,
-    write_geojson,
 )
 
 # [x, y] level-0 px, as QuPath writes them (closed rings)

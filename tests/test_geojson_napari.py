@@ -9,7 +9,7 @@ import pytest
 
 from napari_stmap._layers import align_shapes_to_slide
 from napari_stmap._reader import napari_get_reader
-from napari_stmap.core.regions import read_annotations
+from napari_stmap.core.io.regions import read_annotations
 from test_geojson import HOLE, OUTER, _shoelace, assert_same_annotations, qupath_doc
 
 pytest.importorskip("napari")
@@ -132,8 +132,7 @@ def test_regions_dock_reads_opened_geojson(viewer_on_slide, qupath_file):
 
 def test_dock_sums_subtract_holes():
     from napari_stmap._widgets.regions import compute_regions_bins
-    from napari_stmap.core.geometry import Rectangle
-    from napari_stmap.core.regions import Region
+    from napari_stmap.core.geometry import Rectangle, Region
 
     class Bins:  # a bin prediction whose sums are each part's area (one gene + total)
         genes = ["G"]
@@ -155,7 +154,7 @@ def test_moved_regions_layer_writes_where_it_is_shown(tmp_path):
 
     from napari_stmap._layers import annotations_layer
     from napari_stmap.core.geometry import Rectangle
-    from napari_stmap.core.regions import Annotation
+    from napari_stmap.core.io.regions import Annotation
 
     data, kwargs, kind = annotations_layer(
         [Annotation([[Rectangle(10.0, 20.0, 30.0, 60.0)]], name="r")], name="r"

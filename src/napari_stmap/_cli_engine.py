@@ -1,5 +1,6 @@
 """``stmap predict`` and ``stmap aggregate``: thin calls into :mod:`napari_stmap.core.engine`,
-:mod:`napari_stmap.core.regions` and :mod:`napari_stmap.core.export`.
+:mod:`napari_stmap.core.regions`, :mod:`napari_stmap.core.io.regions` and
+:mod:`napari_stmap.core.export`.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def cmd_aggregate(args) -> int:
     from .cli import _progress
     from .core.export import _target
     from .core.extent import check_regions_on_slide
-    from .core.regions import aggregate_store, read_geojson
+    from .core.io.regions import read_geojson
+    from .core.regions import aggregate_store
     from .core.store import open_store
 
     _target(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
@@ -205,8 +207,7 @@ def cmd_aggregate(args) -> int:
 def _grid_regions(args, store, mpp: float) -> list:
     import numpy as np
 
-    from .core.geometry import spot_grid
-    from .core.regions import Region
+    from .core.geometry import Region, spot_grid
 
     if args.grid <= 0 or (args.pitch is not None and args.pitch <= 0):
         msg = f"--grid and --pitch must be positive µm (got {args.grid}, {args.pitch})"

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from .core.io.regions import Annotation
     from .core.io.slide import Slide
     from .core.io.spots import Spots
-    from .core.regions import Annotation
 
 LayerData = tuple[Any, dict[str, Any], str]
 

@@ -51,7 +51,7 @@ def _classify(path: Path) -> str | None:
     if suffix in SLIDE_SUFFIXES and path.is_file():
         return "slide"
     if suffix in GEOJSON_SUFFIXES:
-        from .core.regions import is_geojson
+        from .core.io.regions import is_geojson
 
         return "geojson" if is_geojson(path) else None
     return None
@@ -89,7 +89,7 @@ def read_geojson_layers(path: str | list[str]) -> list:
     without a radius and lines are left out (logged).
     """
     from ._layers import _stem, annotations_layer
-    from .core.regions import read_annotations
+    from .core.io.regions import read_annotations
 
     path = path[0] if isinstance(path, list) else path
     annotations = read_annotations(path, points="skip")

@@ -8,7 +8,7 @@ opened last (:func:`~napari_stmap._layers.slide_mpp_hint`). Parts of one ``featu
 into one feature (a ``MultiPolygon`` when there are several), holes into their polygon, and
 ``name``, ``classification`` and the edge colour (the class colour) into QuPath's properties
 (:func:`~napari_stmap.core.regions.annotations_from_shapes`,
-:func:`~napari_stmap.core.regions.write_geojson`).
+:func:`~napari_stmap.core.io.regions.write_geojson`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def write_shapes(path: str, data: list, meta: dict[str, Any]) -> list[str]:
     dialog asks first).
     """
     from ._layers import REGION_RGB
-    from .core.regions import annotations_from_shapes, write_geojson
+    from .core.io.regions import write_geojson
+    from .core.regions import annotations_from_shapes
 
     vertices_yx = level0_vertices(data, meta)
     properties = meta.get("features")

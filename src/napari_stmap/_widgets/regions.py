@@ -116,7 +116,7 @@ def compute_regions_bins(bins, regions: list, mpp: float) -> RegionTable:
 
 
 def _region_table(regions: list, counts: np.ndarray, genes: list[str], mpp: float) -> RegionTable:
-    """The table of ``regions`` (:class:`~napari_stmap.core.regions.Region`, level-0 px)."""
+    """The table of ``regions`` (:class:`~napari_stmap.core.geometry.Region`, level-0 px)."""
     centers = np.array([r.center_yx for r in regions], dtype=float).reshape(-1, 2)
     area = np.array([r.area_px for r in regions], dtype=float) * mpp**2
     names, kinds = [r.name for r in regions], [r.kind for r in regions]
@@ -328,10 +328,11 @@ class RegionsWidget(QWidget):
     def regions(self) -> list:
         """Regions (level-0 px) of every regions layer, in layer order, then the spot grid.
 
-        Each is a :class:`~napari_stmap.core.regions.Region`; names are made unique.
+        Each is a :class:`~napari_stmap.core.geometry.Region`; names are made unique.
         """
-        from napari_stmap.core.geometry import disks, squares
-        from napari_stmap.core.regions import Region, regions_from_shapes, unique_names
+        from napari_stmap.core.geometry import Region, disks, squares
+        from napari_stmap.core.io.regions import unique_names
+        from napari_stmap.core.regions import regions_from_shapes
 
         out = []
         for layer in self.regions_layers():

@@ -125,7 +125,7 @@ def check_regions_on_slide(regions: Sequence, shape_yx: Sequence[int], *, source
     ----------
     regions : sequence of Region
         Shapes with ``name`` and ``bbox_yx()`` (level-0 px, (y0, x0, y1, x1)), e.g. from
-        :func:`~napari_stmap.core.regions.read_geojson`.
+        :func:`~napari_stmap.core.io.regions.read_geojson`.
     shape_yx : (H, W)
         Level-0 size of the slide, px.
     source : str

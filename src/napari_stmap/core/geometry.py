@@ -6,7 +6,8 @@ spot, a bin or a drawn shape: :class:`Disk`, :class:`Square`, :class:`Rectangle`
 footprint ∩ pixel divided by the pixel's area. The value of a region is the sum over map pixels
 of fraction × map value (the additive rule of ``DESIGN.md``), so one sparse matrix
 (:func:`weight_matrix`, ``n_footprints × H·W``) turns a map into spot values, in numpy and in
-torch alike (:mod:`napari_stmap.core.aggregate`).
+torch alike (:mod:`napari_stmap.core.aggregate`). A :class:`Region` is a named, signed sum of
+footprints (outer shapes +1, holes −1), so its value is the same signed sum of its parts' values.
 
 Conventions
 -----------
@@ -42,7 +43,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from napari_stmap.core.errors import StmapInputError
+from .errors import StmapInputError
 
 __all__ = [
     "Disk",
@@ -51,9 +52,11 @@ __all__ = [
     "MapGrid",
     "Polygon",
     "Rectangle",
+    "Region",
     "Square",
     "coverage",
     "disks",
+    "rectangle_from_corners",
     "spot_grid",
     "squares",
     "weight_matrix",
@@ -365,6 +368,66 @@ def _centers_and_sizes(centers_yx, size, name: str) -> tuple[np.ndarray, np.ndar
         msg = f"{name} has values <= 0 or not finite (min {sizes.min(initial=np.inf)}): pass sizes > 0."
         raise StmapInputError(msg)
     return centers, sizes
+
+
+# ------------------------------------------------------------------------------------ regions
+class Region:
+    """One named region: signed parts (outer rings +1, holes −1) whose weighted sum is the region.
+
+    Attributes
+    ----------
+    name : str
+        Its name (unique among the regions of a table).
+    parts : list of (Footprint, float)
+        Footprints in level-0 px with their sign: a region's value is the sum of each part's
+        value times its sign (holes subtract, parts of a MultiPolygon add).
+    """
+
+    def __init__(self, name: str, parts: Sequence[tuple[Footprint, float]]) -> None:
+        self.name, self.parts = name, list(parts)
+
+    @property
+    def area_px(self) -> float:
+        """Area in level-0 px²."""
+        return float(sum(sign * fp.area_px() for fp, sign in self.parts))
+
+    @property
+    def center_yx(self) -> tuple[float, float]:
+        """Area-weighted centre of the positive parts (level-0 px, (y, x))."""
+        pos = [(fp, fp.area_px()) for fp, s in self.parts if s > 0]
+        w = np.array([a for _, a in pos])
+        c = np.array([_bbox_center(fp) for fp, _ in pos])
+        if w.sum() <= 0:  # degenerate (zero-area) parts: their plain mean
+            return tuple(c.mean(0))
+        return tuple((c * w[:, None]).sum(0) / w.sum())
+
+    def bbox_yx(self) -> tuple[float, float, float, float]:
+        """Level-0 px box (y0, x0, y1, x1) of all parts."""
+        boxes = np.array([fp.bbox_yx() for fp, _ in self.parts])
+        return (*boxes[:, :2].min(0), *boxes[:, 2:].max(0))
+
+    @property
+    def kind(self) -> str:
+        """``disk``, ``square``, ``polygon``, ... of the first part."""
+        return type(self.parts[0][0]).__name__.lower()
+
+
+def _bbox_center(fp: Footprint) -> tuple[float, float]:
+    y0, x0, y1, x1 = fp.bbox_yx()
+    return ((y0 + y1) / 2, (x0 + x1) / 2)
+
+
+def rectangle_from_corners(yx: np.ndarray) -> Rectangle | None:
+    """A :class:`Rectangle` when ``yx`` ((n, 2) level-0 px, (y, x)) are 4 corners joined by
+    axis-aligned edges (in either direction); else None."""
+    if len(yx) != 4:
+        return None
+    edges = np.roll(yx, -1, axis=0) - yx
+    flat = np.abs(edges) <= max(1e-6, 1e-9 * float(np.abs(yx).max()))
+    if not ((flat.sum(axis=1) == 1).all() and (flat[:, 0] != np.roll(flat[:, 0], -1)).all()):
+        return None
+    (y0, x0), (y1, x1) = yx.min(axis=0), yx.max(axis=0)
+    return Rectangle(float(y0), float(x0), float(y1), float(x1))
 
 
 # ------------------------------------------------------------------------ exact batch coverage
