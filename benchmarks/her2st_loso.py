@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_stmap.core.evaluate import depth_factors, load_measured, scale_key, spot_density
 from napari_stmap.core.io.slide import open_slide, read_at_mpp
+from napari_stmap.core.measured import depth_factors, load_measured, scale_key, spot_density
 from napari_stmap.core.metrics import evaluate_expression
 from napari_stmap.core.train import TrainConfig, select_genes, train_model
 

@@ -108,8 +108,9 @@ def _check_shape(result, keys, *, truth=False):
 def test_cli_train_evaluate_spotnet(tmp_path, pair):
     from dataclasses import replace
 
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured
+    from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.io.slide import open_slide
+    from napari_stmap.core.measured import load_measured
     from napari_stmap.core.model import load_model
 
     model = tmp_path / "spot.safetensors"
@@ -211,7 +212,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
 
 # ------------------------------------------------------------------------------------ data
 def test_depth_normalisation(small_sample, tmp_path):
-    from napari_stmap.core.evaluate import depth_factors, spot_density
+    from napari_stmap.core.measured import depth_factors, spot_density
     from napari_stmap.core.synthetic import write_synthetic
     from napari_stmap.core.train import TrainConfig, load_training_data
 
@@ -236,8 +237,8 @@ def test_depth_normalisation(small_sample, tmp_path):
 
 
 def test_gene_selection(tmp_path, pair):
-    from napari_stmap.core.evaluate import Measured, load_measured
     from napari_stmap.core.io.spots import Spots
+    from napari_stmap.core.measured import Measured, load_measured
     from napari_stmap.core.train import read_gene_spec, select_genes
 
     counts = sp.csr_matrix(np.array([[10, 0, 90, 5], [0, 1, 99, 5], [20, 0, 80, 0]], dtype=float))
@@ -274,8 +275,8 @@ def test_gene_selection(tmp_path, pair):
 
 
 def test_coarser_scale_is_sum_of_bins(pair):
-    from napari_stmap.core.evaluate import load_measured
     from napari_stmap.core.io.spots import read_visium_hd
+    from napari_stmap.core.measured import load_measured
 
     measured = load_measured(pair[1], scales_um=[2, 8])
     assert measured.base_um == 2.0
@@ -294,8 +295,8 @@ def test_coarser_scale_is_sum_of_bins(pair):
 
 
 def test_finer_scale_refused(pair, tmp_path):
-    from napari_stmap.core.evaluate import Measured, load_measured
     from napari_stmap.core.io.spots import Spots
+    from napari_stmap.core.measured import Measured, load_measured
 
     with pytest.raises(StmapInputError, match="finer"):
         load_measured(pair[1], scales_um=[1.0])

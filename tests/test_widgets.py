@@ -93,8 +93,9 @@ def test_load_predict_gene_regions_export_compare(
     from napari_stmap.core import predict_dense
     from napari_stmap.core.aggregate import aggregate
     from napari_stmap.core.engine import ensure_region, view_grid
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured
+    from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.geometry import Rectangle
+    from napari_stmap.core.measured import load_measured
     from napari_stmap.core.model import load_model
 
     embedded = _count_embedded(monkeypatch)

@@ -87,7 +87,8 @@ def _wait(qtbot, worker) -> None:
 def test_magnet_in_the_viewer(docks, qtbot, small_sample, magnet_file, errors):
     from napari_stmap._widgets._session import camera_of, viewport_bbox_px
     from napari_stmap.core.bins import predict_bin_region
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured
+    from napari_stmap.core.evaluate import evaluate_measured
+    from napari_stmap.core.measured import load_measured
     from napari_stmap.core.model import load_model
 
     viewer, session, data = docks["viewer"], docks["session"], docks["data"]

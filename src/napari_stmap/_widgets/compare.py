@@ -96,7 +96,8 @@ def run_compare(pred, model_path, slide, spots_path, scales_um) -> CompareResult
     Missing tiles are predicted by ``pred`` (a :class:`~napari_stmap.core.engine.Predictor`),
     once; tiles already in the store are reused.
     """
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured
+    from napari_stmap.core.evaluate import evaluate_measured
+    from napari_stmap.core.measured import load_measured
 
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
     model = pred.model  # already loaded: genes and metadata; it runs in the predictor only
@@ -121,7 +122,8 @@ def run_compare_bins(model, model_path, slide, spots_path, scales_um, device="cp
     The same predictions as the command line (:func:`~napari_stmap.core.evaluate.evaluate_measured`
     without ``predict``), kept for the plot and the layers.
     """
-    from napari_stmap.core.evaluate import evaluate_measured, load_measured, predict_units
+    from napari_stmap.core.evaluate import evaluate_measured, predict_units
+    from napari_stmap.core.measured import load_measured
 
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
     seen: dict = {}

@@ -35,7 +35,7 @@ Data
   in memory when it is smaller than ``cache_mb``, else tiles are read on demand.
 - **Depth**: each slide's counts (genes and total) are multiplied by ``reference / d_k``, where
   ``d_k`` is the slide's median total counts per µm² of (in-tissue) spot area and ``reference``
-  the mean of the training slides' ``d_k`` (:func:`~napari_stmap.core.evaluate.depth_factors`);
+  the mean of the training slides' ``d_k`` (:func:`~napari_stmap.core.measured.depth_factors`);
   both go into the model metadata. For Visium HD the statistic uses the coarsest training scale.
 - **Genes**: ``top:K`` = the K genes with the highest mean normalised expression
   ``log1p(1e4·g/total)`` over the training spots (coarsest scale), among genes measured in
@@ -118,17 +118,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import StmapInputError
-from .evaluate import (
-    Measured,
-    Units,
-    depth_factors,
-    evaluate_measured,
-    load_measured,
-    scale_key,
-    spot_density,
-)
+from .evaluate import evaluate_measured
 from .io.slide import open_slide, read_at_mpp
 from .io.spots import available_bin_sizes
+from .measured import Measured, Units, depth_factors, load_measured, scale_key, spot_density
 
 __all__ = [
     "CPU_ENCODER",
