@@ -371,7 +371,8 @@ def test_read_at_mpp_resamples(pair):
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("flip", [False, True])
 def test_augmentation_turns_spots_with_image(k, flip):
-    from napari_stmap.core.train import augment_tile, turn_image, turn_points
+    from napari_stmap.core.geometry import turn_image, turn_points
+    from napari_stmap.core.train import augment_tile
 
     size = 32
     image = np.zeros((size, size, 3), np.uint8)

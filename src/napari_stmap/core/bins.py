@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.geometry import MapGrid
+from napari_stmap.core.geometry import MapGrid, turn_points
 
 from .io.slide import Slide, model_px_per_level0, read_at_mpp
 
@@ -473,7 +473,7 @@ def _chunk_context(
 
 
 def _turn(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """(B, C, H, W) turned like :func:`~napari_stmap.core.train.turn_image`."""
+    """(B, C, H, W) turned like :func:`~napari_stmap.core.geometry.turn_image`."""
     import torch
 
     x = torch.rot90(x, k, dims=(2, 3)) if k % 4 else x
@@ -519,8 +519,6 @@ def _context_tokens(
 ) -> torch.Tensor:
     """Tokens (n, t², d) of one level: every image encoded once, its bins sampled from it."""
     import torch
-
-    from napari_stmap.core.train import turn_points
 
     side = ctx.images.shape[1]
     pos = turn_points(ctx.positions, side, k, flip) if (k % 4 or flip) else ctx.positions

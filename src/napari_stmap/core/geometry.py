@@ -8,6 +8,8 @@ of fraction × map value (the additive rule of ``DESIGN.md``), so one sparse mat
 (:func:`weight_matrix`, ``n_footprints × H·W``) turns a map into spot values, in numpy and in
 torch alike (:mod:`napari_stmap.core.aggregate`). A :class:`Region` is a named, signed sum of
 footprints (outer shapes +1, holes −1), so its value is the same signed sum of its parts' values.
+:func:`turn_points` / :func:`turn_image` are the 8 turns and flips of a square image and of
+positions on it (augmentation and test-time augmentation).
 
 Conventions
 -----------
@@ -59,6 +61,8 @@ __all__ = [
     "rectangle_from_corners",
     "spot_grid",
     "squares",
+    "turn_image",
+    "turn_points",
     "weight_matrix",
 ]
 
@@ -825,3 +829,42 @@ def _segment_distance(d: np.ndarray, e: np.ndarray, *, chebyshev: bool) -> np.nd
         t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0, 1)
         best = np.minimum(best, np.maximum(np.abs(dy + t * ey), np.abs(dx + t * ex)))
     return best
+
+
+# ------------------------------------------------------------------------------ dihedral turns
+def turn_points(centers: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
+    """Where points of a ``size`` × ``size`` image go under ``np.rot90(img, k)`` then a flip.
+
+    Parameters
+    ----------
+    centers : numpy.ndarray
+        (n, 2) points, continuous px (y, x) of the image, pixel (i, j) spanning
+        ``[i, i+1) × [j, j+1)``.
+    size : int
+        Side of the (square) image, px.
+    k : int
+        Quarter turns, as ``np.rot90(img, k)`` (counter-clockwise on screen).
+    flip : bool
+        Mirror x (``img[:, ::-1]``) after the turn.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 2) float64 positions (y, x) in the turned image (:func:`turn_image`).
+    """
+    c = np.asarray(centers, dtype=float).reshape(-1, 2).copy()
+    for _ in range(k % 4):
+        c = np.stack([size - c[:, 1], c[:, 0]], axis=1)  # rot90: (y, x) -> (W - x, y)
+    if flip:
+        c[:, 1] = size - c[:, 1]
+    return c
+
+
+def turn_image(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """``np.rot90(image, k)`` of a (y, x, ...) image, then mirrored in x if ``flip``.
+
+    C-contiguous (the input itself when nothing turns); :func:`turn_points` moves positions on
+    the image the same way.
+    """
+    out = np.rot90(image, k % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)

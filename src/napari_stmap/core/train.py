@@ -119,6 +119,7 @@ import scipy.sparse as sp
 
 from .errors import StmapInputError
 from .evaluate import evaluate_measured
+from .geometry import turn_image, turn_points
 from .io.slide import open_slide, read_at_mpp
 from .io.spots import available_bin_sizes
 from .measured import Measured, Units, depth_factors, load_measured, scale_key, spot_density
@@ -150,8 +151,6 @@ __all__ = [
     "state_paths",
     "target_stats",
     "train_model",
-    "turn_image",
-    "turn_points",
 ]
 
 logger = logging.getLogger(__name__)
@@ -576,26 +575,6 @@ def _table(u: Units, slide: Any, mpp: float, factor: float) -> ScaleTable:
 
 
 # ---------------------------------------------------------------------------- augmentation
-def turn_points(centers: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
-    """Where points of a ``size`` × ``size`` image go under ``np.rot90(img, k)`` then a flip.
-
-    Points are continuous (y, x) px with pixel (i, j) spanning ``[i, i+1) × [j, j+1)``;
-    ``flip`` mirrors x (``img[:, ::-1]``) after the turn.
-    """
-    c = np.asarray(centers, dtype=float).reshape(-1, 2).copy()
-    for _ in range(k % 4):
-        c = np.stack([size - c[:, 1], c[:, 0]], axis=1)  # rot90: (y, x) -> (W - x, y)
-    if flip:
-        c[:, 1] = size - c[:, 1]
-    return c
-
-
-def turn_image(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """``np.rot90(image, k)`` then mirrored in x if ``flip`` (matches :func:`turn_points`)."""
-    out = np.rot90(image, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if flip else out)
-
-
 def hed_jitter(
     image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.01
 ) -> np.ndarray:

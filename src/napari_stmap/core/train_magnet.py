@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .geometry import turn_image, turn_points
 from .io.slide import read_at_mpp
 
 __all__ = ["GroupData", "magnet_forward", "magnet_kwargs", "make_group_batch"]
@@ -169,7 +170,6 @@ def make_group_batch(
 def _group_inputs(ts, s: int, centres: np.ndarray, model, cfg, rng, data: GroupData):
     """Views (n, p0, p0, 3), one tile per level, tile positions per level, kNN graph."""
     from napari_stmap.core.model.magnet import knn_graph, tile_box
-    from napari_stmap.core.train import turn_image, turn_points
 
     p0 = model.view_px
     origins = np.floor(centres - p0 / 2 + 0.5).astype(np.int64)
