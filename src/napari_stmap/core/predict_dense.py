@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .aggregate import aggregate
+from .bins import predict_footprints
 from .errors import StmapInputError
 from .geometry import Footprint, MapGrid, disks, squares, weight_matrix
 from .io.slide import Slide, model_px_per_level0, read_at_mpp
@@ -290,8 +291,6 @@ def predict_spots(
     if kind == "spot":
         return _crop_spots(model, slide, fps, device, batch_size, progress, tta)
     if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
-        from napari_stmap.core.bins import predict_footprints
-
         step = None if progress is None else _in_spots(progress, 0, len(fps), len(fps))
         kw = {"device": device, "batch_size": batch_size, "progress": step, "tta": tta}
         return predict_footprints(model, slide, fps, **kw)

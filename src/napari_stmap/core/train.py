@@ -117,9 +117,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from .aggregate import aggregate_torch, batch_weights
 from .errors import StmapInputError
 from .evaluate import evaluate_measured
-from .geometry import turn_image, turn_points
+from .geometry import MapGrid, disks, squares, turn_image, turn_points, weight_matrix
 from .io.slide import open_slide, read_at_mpp
 from .io.spots import available_bin_sizes
 from .measured import Measured, Units, depth_factors, load_measured, scale_key, spot_density
@@ -676,9 +677,6 @@ def make_tile_batch(
     targets : numpy.ndarray
         (N, G + 1) float32 depth-scaled counts then total, in the rows' order.
     """
-    from napari_stmap.core.aggregate import batch_weights
-    from napari_stmap.core.geometry import MapGrid, disks, squares, weight_matrix
-
     t = int(cfg.tile_px)
     grid = MapGrid((0.0, 0.0), float(stride), (t // stride, t // stride))
     images, mats, targets = [], [], []
@@ -1225,8 +1223,6 @@ class _Trainer:
     ) -> dict[str, float] | None:
         """One optimisation step; None when the batch holds no usable spot."""
         import torch
-
-        from napari_stmap.core.aggregate import aggregate_torch
 
         cfg, model, device = self.cfg, self.model, self.cfg.device
         model.train()
