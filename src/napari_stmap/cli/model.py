@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import _float_list
-from .core.errors import StmapInputError
+from ..core.errors import StmapInputError
+from .common import _float_list, _progress
 
 __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
 
@@ -208,7 +208,7 @@ def _add_train(sub) -> None:
 
 
 def _train_config(args):
-    from .core.train import TrainConfig
+    from ..core.train import TrainConfig
 
     return TrainConfig(
         arch=args.arch,
@@ -306,7 +306,7 @@ class _TrainBar:
 def cmd_train(args) -> int:
     """``stmap train --slide S --spots P [...] --arch A --out MODEL.safetensors``."""
     pairs, val = _check_train_args(args)
-    from .core.train import train_model
+    from ..core.train import train_model
 
     bar = _TrainBar()
 
@@ -401,9 +401,8 @@ def cmd_evaluate(args) -> int:
     """``stmap evaluate --model M --slide S --spots P --json OUT.json``."""
     import torch
 
-    from .cli import _progress
-    from .core.evaluate import evaluate_model, format_table
-    from .core.train import available_threads, check_device
+    from ..core.evaluate import evaluate_model, format_table
+    from ..core.train import available_threads, check_device
 
     check_device(args.device)
     torch.set_num_threads(int(args.threads or available_threads()))

@@ -1,6 +1,9 @@
 """``stmap predict`` and ``stmap aggregate``: thin calls into :mod:`napari_stmap.core.engine`,
 :mod:`napari_stmap.core.regions`, :mod:`napari_stmap.core.io.regions` and
 :mod:`napari_stmap.core.export`.
+
+Registered in :mod:`napari_stmap.cli` through :func:`_add_predict` and :func:`_add_aggregate`.
+Core modules are imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import csv
 import sys
 from pathlib import Path
 
-from .core.errors import StmapInputError
+from ..core.errors import StmapInputError
+from .common import _progress
 
 __all__ = ["_add_aggregate", "_add_predict", "cmd_aggregate", "cmd_predict"]
 
@@ -90,9 +94,8 @@ def _stem(path: Path) -> str:
 
 def cmd_predict(args) -> int:
     """``stmap predict --model M --slide S --out STORE.zarr [...]``."""
-    from .cli import _progress
-    from .core.engine import predict_cohort
-    from .core.io.slide import open_slide
+    from ..core.engine import predict_cohort
+    from ..core.io.slide import open_slide
 
     pairs = _cohort(args)
     for slide, _ in pairs:
@@ -129,7 +132,7 @@ def _region_on_slides(region, slides, paths) -> tuple[float, float, float, float
     Returns the box as given: the engine only predicts the tiles on the slide anyway, and
     one box serves all slides of a cohort.
     """
-    from .core.extent import check_box_on_slide
+    from ..core.extent import check_box_on_slide
 
     for slide, path in zip(slides, paths, strict=True):
         check_box_on_slide(region, slide.shape_yx, what="--region", slide=str(path))
@@ -170,12 +173,11 @@ def _add_aggregate(sub) -> None:
 
 def cmd_aggregate(args) -> int:
     """``stmap aggregate --pred STORE (--shapes F | --grid UM) --out OUT``."""
-    from .cli import _progress
-    from .core.export import _target
-    from .core.extent import check_regions_on_slide
-    from .core.io.regions import read_geojson
-    from .core.regions import aggregate_store
-    from .core.store import open_store
+    from ..core.export import _target
+    from ..core.extent import check_regions_on_slide
+    from ..core.io.regions import read_geojson
+    from ..core.regions import aggregate_store
+    from ..core.store import open_store
 
     _target(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
     store = open_store(args.pred, mode="r")
@@ -207,7 +209,7 @@ def cmd_aggregate(args) -> int:
 def _grid_regions(args, store, mpp: float) -> list:
     import numpy as np
 
-    from .core.geometry import Region, spot_grid
+    from ..core.geometry import Region, spot_grid
 
     if args.grid <= 0 or (args.pitch is not None and args.pitch <= 0):
         msg = f"--grid and --pitch must be positive µm (got {args.grid}, {args.pitch})"
@@ -228,7 +230,7 @@ def _tissue_bbox(store) -> tuple[float, float, float, float]:
     """Level-0 px box around the tiles that are not off tissue."""
     import numpy as np
 
-    from .core.store import SKIPPED
+    from ..core.store import SKIPPED
 
     ij = np.argwhere(store.done != SKIPPED)
     spec = store.spec
@@ -241,8 +243,8 @@ def _tissue_bbox(store) -> tuple[float, float, float, float]:
 def _write(args, store, regions, sums, mpp: float) -> Path:
     import numpy as np
 
-    from .core.export import build_anndata, write_regions
-    from .core.io.slide import open_slide
+    from ..core.export import build_anndata, write_regions
+    from ..core.io.slide import open_slide
 
     slide = open_slide(store.meta["slide"]["path"], mpp=mpp)
     thumb = slide.thumbnail(2000)

@@ -1,0 +1,105 @@
+"""What every ``stmap`` subcommand shares: logging set-up, error handling, progress bars, parsers.
+
+Subcommand modules (:mod:`.info`, :mod:`.model`, :mod:`.engine`) import this module and core,
+never the package face :mod:`napari_stmap.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from ..core.errors import StmapInputError
+
+#: Exit code of a refused input (a missing file, a bad option value, ...).
+EXIT_USAGE = 2
+#: Exit code after Ctrl-C.
+EXIT_INTERRUPTED = 130
+VERBOSE_HELP = "log progress details and set-up notes"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.func(args)``; bad input gives one line on stderr and exit code 2.
+
+    Returns
+    -------
+    int
+        The process exit code: the command's, :data:`EXIT_USAGE` for bad input (a
+        :class:`StmapInputError`, a missing or unreadable file), :data:`EXIT_INTERRUPTED` after
+        Ctrl-C. Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        return int(args.func(args) or 0)
+    except StmapInputError as exc:
+        print(f"stmap {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(
+            f"stmap {args.command}: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"stmap {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Warnings only; ``-v``: INFO from every library and DEBUG from napari-stmap itself.
+
+    napari-stmap's set-up notes (e.g. the torchvision workaround of
+    :mod:`napari_stmap.core.model._torchvision_compat`) are DEBUG: shown with ``-v`` only.
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="stmap: %(message)s"
+    )
+    logging.getLogger("napari_stmap").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings become our errors
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """:func:`warnings.showwarning` for the command line: one line, no source location."""
+    print(f"stmap: warning: {message}", file=sys.stderr)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """Argparse type: ``"2,8,16"`` -> ``(2.0, 8.0, 16.0)``, positive sizes in µm."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        msg = f"expected comma-separated numbers such as 2,8,16, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or min(values) <= 0:
+        msg = f"expected positive sizes in µm such as 2,8,16, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+class _progress:
+    """Context manager yielding a ``progress(done, total)`` callback backed by tqdm (stderr)."""
+
+    def __init__(self, desc: str, unit: str = "it") -> None:
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=self.desc,
+                unit=self.unit,
+                file=sys.stderr,
+                disable=not sys.stderr.isatty(),
+            )
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
