@@ -214,7 +214,7 @@ def _disk_features(img, mask, rgb2hed, rgb2hsv) -> list[float]:
 
 def normalised(measured, genes: list[str], factor: float) -> tuple[np.ndarray, np.ndarray]:
     """(n, G) log1p(1e4·g/total) of the genes and (n,) log1p(depth-scaled total)."""
-    from napari_stmap.core.aggregate import normalize_expression
+    from napari_stmap.core.metrics import normalize_expression
 
     m = measured.restrict(genes)
     norm = normalize_expression(m.spots.counts, m.total)
@@ -287,8 +287,7 @@ def noise_ceiling(measured, genes: list[str], splits: int = 8, seed: int = 0) ->
     """Counting-noise ceiling of per-gene r on ``measured`` (see the module notes)."""
     import scipy.sparse as sp
 
-    from napari_stmap.core.aggregate import normalize_expression
-    from napari_stmap.core.metrics import pearson_per_gene, summarize
+    from napari_stmap.core.metrics import normalize_expression, pearson_per_gene, summarize
 
     m = measured.restrict(genes)
     counts = m.spots.counts
@@ -357,7 +356,7 @@ def map_genes(result: dict) -> list[str]:
 
 def map_data(model, test: tuple, genes: list[str]) -> dict:
     """Measured and predicted normalised expression of ``genes``: spots and the dense map."""
-    from napari_stmap.core.aggregate import normalize_expression
+    from napari_stmap.core.metrics import normalize_expression
     from napari_stmap.core.predict_dense import predict_map, predict_spots
 
     slide, measured = open_slide(test[0]), load_measured(test[1])

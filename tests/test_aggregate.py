@@ -13,7 +13,6 @@ from napari_stmap.core.aggregate import (
     aggregate,
     aggregate_torch,
     batch_weights,
-    normalize_expression,
     sum_bins,
     to_torch_sparse,
 )
@@ -28,6 +27,7 @@ from napari_stmap.core.geometry import (
     squares,
     weight_matrix,
 )
+from napari_stmap.core.metrics import normalize_expression
 
 MPP = 0.2634
 PIX = 2.0 / MPP  # 2 µm map pixel, level-0 px

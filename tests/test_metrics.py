@@ -7,9 +7,14 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from napari_stmap.core.aggregate import normalize_expression, sum_bins
+from napari_stmap.core.aggregate import sum_bins
 from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.metrics import evaluate_expression, pearson_per_gene, summarize
+from napari_stmap.core.metrics import (
+    evaluate_expression,
+    normalize_expression,
+    pearson_per_gene,
+    summarize,
+)
 
 
 def test_pearson_matches_scipy_and_flags_constant_genes() -> None:

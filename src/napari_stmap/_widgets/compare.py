@@ -154,7 +154,7 @@ def _compare_result(result: dict, model, model_path, seen: dict) -> CompareResul
 
 def unit_values(res: CompareResult, key: str, gene: str) -> tuple[np.ndarray, np.ndarray]:
     """(measured, predicted) normalised expression ``log1p(1e4·g/total)`` of ``gene``."""
-    from napari_stmap.core.aggregate import normalize_expression
+    from napari_stmap.core.metrics import normalize_expression
 
     u, p = res.units[key], res.predicted[key]
     g = res.genes.index(gene)

@@ -87,7 +87,7 @@ class RegionTable:
 
     def normalised(self) -> np.ndarray:
         """(n, G) ``log1p(1e4 · gene / total)`` after summing."""
-        from napari_stmap.core.aggregate import normalize_expression
+        from napari_stmap.core.metrics import normalize_expression
 
         return normalize_expression(self.counts[:, :-1], self.total)
 

@@ -32,7 +32,6 @@ __all__ = [
     "aggregate",
     "aggregate_torch",
     "batch_weights",
-    "normalize_expression",
     "sum_bins",
     "to_torch_sparse",
 ]
@@ -308,43 +307,3 @@ def _block_factor(bin_px: float, target_px: float) -> int:
         msg = f"target_px={target_px} is not a whole multiple of bin_px={bin_px}: pass e.g. 8 µm for 2 µm bins."
         raise StmapInputError(msg)
     return factor
-
-
-def normalize_expression(
-    genes: np.ndarray | sp.spmatrix | sp.sparray, total: np.ndarray, *, scale: float = 1e4
-) -> np.ndarray:
-    """Library-size normalisation: ``log1p(scale · gene / total)`` per spot.
-
-    Parameters
-    ----------
-    genes
-        (n, G) counts (dense or sparse; the result is dense, so select genes first).
-    total
-        (n,) total counts of each spot (all transcripts, or the model's "total" channel).
-    scale
-        Target library size (1e4, as in scanpy ``normalize_total`` + ``log1p``).
-
-    Returns
-    -------
-    numpy.ndarray
-        (n, G) float64. Rows whose total is <= 0 or not finite are all NaN (a spot without
-        transcripts has no defined composition): filter them with ``np.isfinite(out).all(1)``.
-
-    Notes
-    -----
-    Apply it **after** summing regions, to summed genes and summed total, so that the
-    normalised value of a region is the same whatever bins it was built from.
-    """
-    dense = genes.toarray() if sp.issparse(genes) else np.asarray(genes)
-    dense = np.asarray(dense, dtype=np.float64)
-    tot = np.asarray(total, dtype=np.float64).reshape(-1)
-    if dense.ndim != 2 or tot.shape[0] != dense.shape[0]:
-        msg = f"genes {dense.shape} and total {tot.shape} do not match: pass (n, G) and (n,)."
-        raise StmapInputError(msg)
-    good = np.isfinite(tot) & (tot > 0)
-    safe = np.where(good, tot, 1.0)
-    out = np.log1p(scale * dense / safe[:, None])
-    out[~good] = np.nan
-    if not good.all():
-        logger.debug("normalize_expression: %d spots with total <= 0 set to NaN", (~good).sum())
-    return out

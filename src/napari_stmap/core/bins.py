@@ -108,7 +108,7 @@ class BinPrediction:
 
     def values(self, gene: str, mode: str = "normalised") -> np.ndarray:
         """(n,) values of ``gene``: ``"absolute"`` counts or ``"normalised"`` log1p(1e4·g/total)."""
-        from napari_stmap.core.aggregate import normalize_expression
+        from napari_stmap.core.metrics import normalize_expression
 
         if gene not in self.output_names:
             msg = f"{gene!r} is not one of the model's outputs; pass one of {self.genes[:5]}…"

@@ -5,6 +5,7 @@ normalised expression ``log1p(1e4 · gene / total)``; report PCC@F / PCC@S / PCC
 quartile / median / mean over genes (top 250 genes by mean measured counts unless a list is
 given), plus MSE and MAE. Genes with zero variance get r = NaN and are counted (``n_nan``), never
 silently dropped. Absolute (raw count) metrics are reported next to them, never as the headline.
+:func:`normalize_expression` is that normalisation, for everyone (metrics, losses, the viewer).
 
 Axis order: (n spots, G genes). Predictions carry one extra last column, the "total" channel.
 """
@@ -17,16 +18,55 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from napari_stmap.core.aggregate import normalize_expression
 from napari_stmap.core.errors import StmapInputError
 
-__all__ = ["evaluate_expression", "pearson_per_gene", "summarize"]
+__all__ = ["evaluate_expression", "normalize_expression", "pearson_per_gene", "summarize"]
 
 logger = logging.getLogger(__name__)
 
 
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def normalize_expression(
+    genes: np.ndarray | sp.spmatrix | sp.sparray, total: np.ndarray, *, scale: float = 1e4
+) -> np.ndarray:
+    """Library-size normalisation: ``log1p(scale · gene / total)`` per spot.
+
+    Parameters
+    ----------
+    genes
+        (n, G) counts (dense or sparse; the result is dense, so select genes first).
+    total
+        (n,) total counts of each spot (all transcripts, or the model's "total" channel).
+    scale
+        Target library size (1e4, as in scanpy ``normalize_total`` + ``log1p``).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, G) float64. Rows whose total is <= 0 or not finite are all NaN (a spot without
+        transcripts has no defined composition): filter them with ``np.isfinite(out).all(1)``.
+
+    Notes
+    -----
+    Apply it **after** summing regions, to summed genes and summed total, so that the
+    normalised value of a region is the same whatever bins it was built from.
+    """
+    dense = genes.toarray() if sp.issparse(genes) else np.asarray(genes)
+    dense = np.asarray(dense, dtype=np.float64)
+    tot = np.asarray(total, dtype=np.float64).reshape(-1)
+    if dense.ndim != 2 or tot.shape[0] != dense.shape[0]:
+        msg = f"genes {dense.shape} and total {tot.shape} do not match: pass (n, G) and (n,)."
+        raise StmapInputError(msg)
+    good = np.isfinite(tot) & (tot > 0)
+    safe = np.where(good, tot, 1.0)
+    out = np.log1p(scale * dense / safe[:, None])
+    out[~good] = np.nan
+    if not good.all():
+        logger.debug("normalize_expression: %d spots with total <= 0 set to NaN", (~good).sum())
+    return out
 
 
 def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
