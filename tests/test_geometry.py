@@ -15,13 +15,13 @@ from napari_stmap.core.geometry import (
     Polygon,
     Rectangle,
     Square,
-    _segment_distance,
     coverage,
     disks,
     spot_grid,
     squares,
     weight_matrix,
 )
+from napari_stmap.core.geometry._grids import _segment_distance
 
 MPP = 0.2634  # µm per level-0 px, a typical 40x scan
 PIX = 2.0 / MPP  # a 2 µm map pixel in level-0 px
