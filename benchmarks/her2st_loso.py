@@ -51,7 +51,7 @@ import numpy as np
 from napari_stmap.core.io.slide import open_slide, read_at_mpp
 from napari_stmap.core.measured import depth_factors, load_measured, scale_key, spot_density
 from napari_stmap.core.metrics import evaluate_expression
-from napari_stmap.core.train import TrainConfig, select_genes, train_model
+from napari_stmap.core.training import TrainConfig, select_genes, train_model
 
 log = logging.getLogger("her2st_loso")
 SECTIONS = ("C2", "C3", "C4", "C5")

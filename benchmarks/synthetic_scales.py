@@ -29,7 +29,7 @@ from pathlib import Path
 
 from napari_stmap.core.evaluate import evaluate_model
 from napari_stmap.core.synthetic import load_synthetic, write_synthetic
-from napari_stmap.core.train import TrainConfig, train_model
+from napari_stmap.core.training import TrainConfig, train_model
 
 log = logging.getLogger("synthetic_scales")
 SCALES = (2.0, 8.0, 16.0, 55.0)

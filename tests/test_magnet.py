@@ -324,8 +324,8 @@ def test_bin_raster():
 # ------------------------------------------------------------------------------ training
 def test_group_batches(small_sample):
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.train import TrainConfig, load_training_data, plan_epoch
-    from napari_stmap.core.train_magnet import GroupData, make_group_batch
+    from napari_stmap.core.training import TrainConfig, load_training_data, plan_epoch
+    from napari_stmap.core.training.magnet import GroupData, make_group_batch
 
     cfg = TrainConfig(arch="magnet_tiny", genes="top:5", bin_um=(8.0, 16.0), batch_size=2)
     slides, genes, _, cfg = load_training_data([(small_sample.slide, small_sample.outs)], cfg)

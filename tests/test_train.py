@@ -40,7 +40,7 @@ def pair(small_sample):
 @pytest.fixture(scope="module")
 def tiny_data(pair):
     """Training tables of the small sample at 2, 8 and 16 µm, 6 genes."""
-    from napari_stmap.core.train import TrainConfig, load_training_data
+    from napari_stmap.core.training import TrainConfig, load_training_data
 
     cfg = TrainConfig(
         arch="pixnet_tiny", genes="top:6", augment=False, bin_um=(2.0, 8.0, 16.0), **TINY
@@ -147,7 +147,7 @@ def test_cli_bad_input_exits_2(tmp_path, pair, capsys):
 # ---------------------------------------------------------------------------------- training
 def test_loss_decreases_on_fixed_batch(tiny_data):
     from napari_stmap.core.aggregate import aggregate_torch
-    from napari_stmap.core.train import build_model, expression_loss, make_tile_batch
+    from napari_stmap.core.training import build_model, expression_loss, make_tile_batch
 
     slides, genes, _, cfg = tiny_data
     model = build_model(cfg, genes, slides)
@@ -169,7 +169,7 @@ def test_loss_decreases_on_fixed_batch(tiny_data):
 
 
 def test_expression_loss_terms():
-    from napari_stmap.core.train import expression_loss
+    from napari_stmap.core.training import expression_loss
 
     meas = torch.tensor([[1.0, 3.0, 10.0], [4.0, 1.0, 20.0], [2.0, 2.0, 8.0]])
     loss, parts = expression_loss(meas.clone(), meas)
@@ -186,7 +186,7 @@ def test_expression_loss_terms():
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
     from napari_stmap.core.model import load_model
-    from napari_stmap.core.train import TrainConfig, read_state_info, train_model
+    from napari_stmap.core.training import TrainConfig, read_state_info, train_model
 
     tiny = {**TINY, "max_batches_per_epoch": 1}
     cfg = TrainConfig(arch="pixnet_tiny", genes="top:4", epochs=2, bin_um=(8.0, 16.0), **tiny)
@@ -214,7 +214,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
 def test_depth_normalisation(small_sample, tmp_path):
     from napari_stmap.core.measured import depth_factors, spot_density
     from napari_stmap.core.synthetic import write_synthetic
-    from napari_stmap.core.train import TrainConfig, load_training_data
+    from napari_stmap.core.training import TrainConfig, load_training_data
 
     ref, factors = depth_factors([1.0, 2.0, 4.0])
     assert ref == pytest.approx(7 / 3) and factors == pytest.approx([7 / 3, 7 / 6, 7 / 12])
@@ -239,7 +239,7 @@ def test_depth_normalisation(small_sample, tmp_path):
 def test_gene_selection(tmp_path, pair):
     from napari_stmap.core.io.spots import Spots
     from napari_stmap.core.measured import Measured, load_measured
-    from napari_stmap.core.train import read_gene_spec, select_genes
+    from napari_stmap.core.training import read_gene_spec, select_genes
 
     counts = sp.csr_matrix(np.array([[10, 0, 90, 5], [0, 1, 99, 5], [20, 0, 80, 0]], dtype=float))
     spots = Spots(
@@ -372,7 +372,7 @@ def test_read_at_mpp_resamples(pair):
 @pytest.mark.parametrize("flip", [False, True])
 def test_augmentation_turns_spots_with_image(k, flip):
     from napari_stmap.core.geometry import turn_image, turn_points
-    from napari_stmap.core.train import augment_tile
+    from napari_stmap.core.training import augment_tile
 
     size = 32
     image = np.zeros((size, size, 3), np.uint8)
@@ -391,7 +391,7 @@ def test_augmentation_turns_spots_with_image(k, flip):
 
 
 def test_colour_augmentation_keeps_range():
-    from napari_stmap.core.train import augment_tile
+    from napari_stmap.core.training import augment_tile
 
     rng = np.random.default_rng(1)
     image = np.empty((32, 32, 3), np.uint8)
@@ -421,7 +421,7 @@ def test_spot_model_scales_by_area(pair):
 
 # ------------------------------------------------------------------ z-score, EMA, TTA
 def test_zscore_loss_on_a_hand_example():
-    from napari_stmap.core.train import expression_loss
+    from napari_stmap.core.training import expression_loss
 
     # two genes + total; the spots' totals are 1e4, so norm = log1p(counts)
     meas = torch.tensor([[0.0, 0.0, 1e4], [0.0, 0.0, 1e4]])
@@ -436,7 +436,7 @@ def test_zscore_loss_on_a_hand_example():
 
 
 def test_target_stats_match_numpy(tiny_data):
-    from napari_stmap.core.train import target_stats
+    from napari_stmap.core.training import target_stats
 
     slides = tiny_data[0]
     stats = target_stats(slides, floor=0.0)
@@ -455,7 +455,7 @@ def test_target_stats_match_numpy(tiny_data):
 
 
 def test_ema_update_follows_the_formula():
-    from napari_stmap.core.train import _ema_init, _ema_update
+    from napari_stmap.core.training.state import _ema_init, _ema_update
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = _ema_init(model)
@@ -478,7 +478,7 @@ def test_training_keeps_the_averaged_weights(tmp_path, pair):
     from safetensors.torch import load_file
 
     from napari_stmap.core.model import load_model
-    from napari_stmap.core.train import TrainConfig, state_paths, train_model
+    from napari_stmap.core.training import TrainConfig, state_paths, train_model
 
     tiny = {**TINY, "max_batches_per_epoch": 3}
     cfg = TrainConfig(
@@ -539,7 +539,7 @@ def test_tta_maps_are_still_seamless(pair):
 
 
 def test_resume_with_ema_reproduces_uninterrupted_run(tmp_path, pair):
-    from napari_stmap.core.train import TrainConfig, train_model
+    from napari_stmap.core.training import TrainConfig, train_model
 
     tiny = {**TINY, "max_batches_per_epoch": 1}
     cfg = TrainConfig(

@@ -45,7 +45,7 @@ def ensure_demo_model(sample=None) -> Path:
     from napari.utils import progress
 
     from ._sample_data import ensure_sample
-    from .core.train import TrainConfig, available_threads, train_model
+    from .core.training import TrainConfig, available_threads, train_model
 
     path = demo_model_path()
     if path.is_file():

@@ -208,7 +208,7 @@ def _add_train(sub) -> None:
 
 
 def _train_config(args):
-    from ..core.train import TrainConfig
+    from ..core.training import TrainConfig
 
     return TrainConfig(
         arch=args.arch,
@@ -306,7 +306,7 @@ class _TrainBar:
 def cmd_train(args) -> int:
     """``stmap train --slide S --spots P [...] --arch A --out MODEL.safetensors``."""
     pairs, val = _check_train_args(args)
-    from ..core.train import train_model
+    from ..core.training import train_model
 
     bar = _TrainBar()
 
@@ -402,7 +402,7 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from ..core.evaluate import evaluate_model, format_table
-    from ..core.train import available_threads, check_device
+    from ..core.training import available_threads, check_device
 
     check_device(args.device)
     torch.set_num_threads(int(args.threads or available_threads()))

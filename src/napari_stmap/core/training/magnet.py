@@ -1,27 +1,9 @@
-"""Training batches and loss terms of MagNet (``input_kind = "bins"``), used by :mod:`.train`.
+"""MagNet training (``input_kind = "bins"``): groups of neighbouring bins, their views, the loss.
 
-A MagNet step sees ``cfg.batch_size`` **groups of neighbouring bins**: each group is an anchor
-bin (drawn by :func:`~napari_stmap.core.train.plan_epoch`, ``ceil(n / group_bins)`` anchors per
-slide and epoch, so an epoch sees about every bin once) and its ``group_bins − 1`` nearest
-bins of the step's scale; the kNN graph is built inside the group, so every bin has its true
-neighbours except at the group's rim. Per bin: the bin view (``model.view_px`` px at the model's
-µm/px, from the slide cache), and per context level one tile shared by the group
-(:func:`~napari_stmap.core.model.magnet.tile_box`: all views + ``context_margin``, aligned to
-the encoder stride), exactly as :func:`~napari_stmap.core.model.magnet.predict_bins` builds
-them at inference. Targets are the bins' counts × reference area / bin area (as for SpotNet).
-
-Augmentation turns and flips the whole group (views, tiles and positions alike) and applies
-one stain jitter to all its images.
-
-Loss: :func:`~napari_stmap.core.train.expression_loss` of the final prediction plus
-``consistency_weight`` × the mean over context levels of the same loss of that level's own
-prediction (MagNet's cross-level consistency: every level must explain the bin).
-
-CPU defaults (``stmap train --arch magnet`` without ``--encoder``): encoder
-``train.CPU_ENCODER`` (``resnet10t``) for the bin view and a separate one for the context levels; views of 56 / 112 / 256 µm
-(the paper's fields of view) for Visium HD bins and of 112 / 224 / 512 µm for spots of
-≥ 55 µm (HER2ST's 100 µm spots would not fit a 56 µm bin view); the bin view at the model's
-µm/px (0.5 for HD: 112 px; 2.0 for large spots: 56 px), context views at 64 px.
+:mod:`.loop` calls :func:`magnet_kwargs` to build the model and :func:`magnet_forward` for a
+step; a step sees ``cfg.batch_size`` groups of bins (:func:`make_group_batch`) built exactly
+as :func:`~napari_stmap.core.bins.predict_bins` builds them at inference. This module needs
+only :mod:`.augment` and :mod:`.loss`, never the loop.
 """
 
 from __future__ import annotations
@@ -32,9 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import cKDTree
 
-from .geometry import turn_image, turn_points
-from .io.slide import read_at_mpp
+from ..geometry import turn_image, turn_points
+from ..io.slide import read_at_mpp
+from .augment import hed_jitter
+from .loss import expression_loss
 
 __all__ = ["GroupData", "magnet_forward", "magnet_kwargs", "make_group_batch"]
 
@@ -43,7 +29,25 @@ _LARGE_UNIT_UM = 40.0
 
 
 def magnet_kwargs(cfg: Any, prior: np.ndarray, ref_area_um2: float) -> dict[str, Any]:
-    """``create_model`` keyword arguments of a MagNet run (see the module notes)."""
+    """``create_model`` keyword arguments of a MagNet run: head prior and views.
+
+    CPU defaults (``stmap train --arch magnet`` without ``--encoder``): encoder
+    :data:`~napari_stmap.core.training.config.CPU_ENCODER` (``resnet10t``) for the bin view and
+    a separate one for the context levels; views of 56 / 112 / 256 µm (the paper's fields of
+    view) for Visium HD bins and of 112 / 224 / 512 µm for units with √area ≥ 40 µm, i.e.
+    spots of ≥ 55 µm (HER2ST's 100 µm spots would not fit a 56 µm bin view); the bin view at
+    the model's µm/px (0.5 for HD: 112 px; 2.0 for large spots: 56 px), context views at 64 px.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The resolved run configuration (``arch``: presets such as ``magnet_tiny`` keep their
+        own views).
+    prior : numpy.ndarray
+        (G + 1,) mean depth-scaled counts per µm² of every channel.
+    ref_area_um2 : float
+        Reference bin area, µm²: the head starts at ``prior × ref_area_um2``.
+    """
     kw: dict[str, Any] = {"init_counts_per_bin": (prior * ref_area_um2).tolist()}
     if cfg.arch == "magnet":  # presets (magnet_tiny) keep their own views
         large = math.sqrt(ref_area_um2) >= _LARGE_UNIT_UM
@@ -60,8 +64,6 @@ class GroupData:
 
     def group(self, s: int, table: Any, centre: np.ndarray, n: int) -> np.ndarray:
         """Indices of the ``n`` units of ``table`` nearest ``centre`` (nearest first)."""
-        from scipy.spatial import cKDTree
-
         key = (s, f"{table.bin_um:g}")
         if key not in self.trees:
             self.trees[key] = cKDTree(table.centers)
@@ -107,6 +109,17 @@ def make_group_batch(
     data: GroupData,
 ) -> tuple[Any, np.ndarray]:
     """Groups of neighbouring bins with their views, tiles and graph, and their targets.
+
+    Each group is an anchor bin (drawn by :func:`~napari_stmap.core.training.batches.plan_epoch`,
+    ``ceil(n / group_bins)`` anchors per slide and epoch, so an epoch sees about every bin
+    once) and its ``group_bins − 1`` nearest bins of the step's scale; the kNN graph is built
+    inside the group, so every bin has its true neighbours except at the group's rim. Per bin:
+    the bin view (``model.view_px`` px at the model's µm/px, from the slide cache), and per
+    context level one tile shared by the group
+    (:func:`~napari_stmap.core.model.magnet.tile_box`: all views + ``context_margin``, aligned
+    to the encoder stride). Targets are the bins' counts × reference area / bin area (as for
+    SpotNet). Augmentation turns and flips the whole group (views, tiles and positions alike)
+    and applies one stain jitter to all its images.
 
     Parameters
     ----------
@@ -193,10 +206,6 @@ def _group_inputs(ts, s: int, centres: np.ndarray, model, cfg, rng, data: GroupD
 
 def _colour(views: list, tiles: list, rng: np.random.Generator) -> tuple[list, list]:
     """One stain jitter (and, 1 time in 4, one mild blur) for every image of a group."""
-    from scipy.ndimage import gaussian_filter
-
-    from napari_stmap.core.train import hed_jitter
-
     seed = int(rng.integers(2**31))
     blur = float(rng.uniform(0.3, 1.0)) if rng.random() < 0.25 else 0.0
 
@@ -208,7 +217,12 @@ def _colour(views: list, tiles: list, rng: np.random.Generator) -> tuple[list, l
 
 
 def magnet_forward(trainer: Any, batch, bin_um: float, rng: np.random.Generator):
-    """Forward one MagNet training batch (hook of ``train._Trainer.step``).
+    """Forward one MagNet training batch (called by ``loop._Trainer.step``).
+
+    The loss is :func:`~napari_stmap.core.training.loss.expression_loss` of the final
+    prediction plus ``consistency_weight`` × the mean over context levels of the same loss of
+    that level's own prediction (MagNet's cross-level consistency: every level must explain
+    the bin); ``aux`` adds the second part.
 
     Returns
     -------
@@ -232,8 +246,6 @@ def magnet_forward(trainer: Any, batch, bin_um: float, rng: np.random.Generator)
 
     def aux(loss, parts: dict, meas, gene_std=None):
         import torch
-
-        from napari_stmap.core.train import expression_loss
 
         kw = {"mse_weight": cfg.mse_weight, "pcc_weight": cfg.pcc_weight}
         kw["total_weight"] = cfg.total_weight
