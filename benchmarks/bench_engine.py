@@ -156,8 +156,8 @@ def _models(work: Path):
 # ----------------------------------------------------------------- 1 + 2: dense / efficiency
 def bench_dense(slide_path: Path, model_path: Path, region_px: int, tile_px, device, batch):
     """Whole-region prediction through the engine + 8 µm bin sums; returns timings."""
-    from napari_stmap.core import engine
-    from napari_stmap.core.engine import predict_slide, region_map
+    from napari_stmap.core.predict import pipeline as engine
+    from napari_stmap.core.predict import predict_slide, region_map
 
     store_path = Path(tempfile.mkdtemp(dir=slide_path.parent)) / "dense.zarr"
     region = (0, 0, region_px, region_px)
@@ -207,7 +207,7 @@ def bench_spot(slide_path: Path, spotnet, region_px: int, n_bins: int, device, b
     """SpotNet, one 112 µm crop per 8 µm bin, over ``n_bins`` bins of the region."""
     from napari_stmap.core.geometry import squares
     from napari_stmap.core.io.slide import open_slide
-    from napari_stmap.core.predict_dense import predict_spots
+    from napari_stmap.core.predict import predict_spots
 
     slide = open_slide(slide_path)
     side = 8.0 / slide.mpp
@@ -224,8 +224,8 @@ def bench_network_only(pixnet, slide_path: Path, spec, device, batch, reps):
     """Tiles/s of the network alone on windows already read (same spec as the engine run)."""
     import torch
 
-    from napari_stmap.core.engine import SlideReader, embed_windows
     from napari_stmap.core.io.slide import open_slide
+    from napari_stmap.core.predict import SlideReader, embed_windows
 
     reader = SlideReader(open_slide(slide_path), spec)
     images = np.stack([reader.window((0, j % spec.grid_shape[1])) for j in range(batch)])
@@ -245,8 +245,8 @@ def child_rss(slide: str, model: str, store: str) -> None:
     """(Subprocess) peak RSS of one whole-slide predict_slide; prints JSON."""
     import torch  # noqa: F401  (count imports in the base)
 
-    from napari_stmap.core.engine import predict_slide
     from napari_stmap.core.model import load_model
+    from napari_stmap.core.predict import predict_slide
 
     load_model(model)
     base = _peak_rss_mib()
@@ -292,8 +292,8 @@ def bench_rss(work: Path, src: np.ndarray, model_path: Path, side_px: int) -> li
 # ------------------------------------------------------------------------ 4: gene switch
 def bench_gene_switch(work: Path, slide_path: Path, pixnet, viewport: int = 1024, genes: int = 5):
     """ms to compute a viewport of a new gene from cached (random-filled) embeddings."""
-    from napari_stmap.core.engine import gene_view
     from napari_stmap.core.io.slide import open_slide
+    from napari_stmap.core.predict import gene_view
     from napari_stmap.core.store import open_store
     from napari_stmap.core.tiling import plan_tiles
 

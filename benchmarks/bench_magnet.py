@@ -53,7 +53,7 @@ def bin_centres(slide, region_px: int, bin_um: float = 8.0) -> np.ndarray:
 
 
 def bench_magnet(model, slide, centres: np.ndarray, shared: bool, batch: int) -> dict:
-    from napari_stmap.core.bins import predict_bins
+    from napari_stmap.core.predict import predict_bins
 
     predict_bins(model, slide, centres[:8], shared_context=shared, batch_size=batch)  # warm-up
     t0 = time.perf_counter()

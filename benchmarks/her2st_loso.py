@@ -357,7 +357,7 @@ def map_genes(result: dict) -> list[str]:
 def map_data(model, test: tuple, genes: list[str]) -> dict:
     """Measured and predicted normalised expression of ``genes``: spots and the dense map."""
     from napari_stmap.core.metrics import normalize_expression
-    from napari_stmap.core.predict_dense import predict_map, predict_spots
+    from napari_stmap.core.predict import predict_map, predict_spots
 
     slide, measured = open_slide(test[0]), load_measured(test[1])
     c, pad = measured.spots.centers_yx, measured.spots.size_px

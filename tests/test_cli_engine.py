@@ -82,8 +82,8 @@ def test_predict_refuses_other_slide(store, tmp_path, tiny_model, capsys):
 
 def _core_sums(store_path, footprints):
     from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.engine import region_map
     from napari_stmap.core.geometry import weight_matrix
+    from napari_stmap.core.predict import region_map
 
     boxes = np.array([fp.bbox_yx() for fp in footprints])
     box = (*boxes[:, :2].min(0), *boxes[:, 2:].max(0))

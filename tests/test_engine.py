@@ -11,7 +11,10 @@ import tifffile
 import torch
 import zarr
 
-from napari_stmap.core.engine import (
+from napari_stmap.core.errors import StmapInputError
+from napari_stmap.core.io.slide import open_slide, read_at_mpp
+from napari_stmap.core.model import create_model, load_model, save_model
+from napari_stmap.core.predict import (
     Predictor,
     SlideReader,
     ensure_region,
@@ -19,14 +22,11 @@ from napari_stmap.core.engine import (
     gene_view,
     model_cache_info,
     predict_cohort,
+    predict_map,
     predict_slide,
     region_map,
     view_grid,
 )
-from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.io.slide import open_slide, read_at_mpp
-from napari_stmap.core.model import create_model, load_model, save_model
-from napari_stmap.core.predict_dense import predict_map
 from napari_stmap.core.store import DONE, SKIPPED, TODO, LRUCache, open_store
 from napari_stmap.core.tiling import plan_tiles
 

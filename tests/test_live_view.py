@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def predictor(small_sample, tmp_path_factory):
     """A predictor on the small sample, 64 px tiles, the left part of the slide predicted."""
-    from napari_stmap.core.engine import Predictor
     from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict import Predictor
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=list(small_sample.genes[:6]))
@@ -27,7 +27,7 @@ def predictor(small_sample, tmp_path_factory):
 
 @pytest.fixture
 def worker():
-    from napari_stmap.core.engine import ViewWorker
+    from napari_stmap.core.predict import ViewWorker
 
     with ViewWorker(name="stmap-views-test") as w:
         yield w
@@ -43,7 +43,7 @@ def _settled(view, worker, level=-1):
 
 @pytest.mark.parametrize("mode", ["normalised", "absolute"])
 def test_live_view_equals_gene_pyramid_at_every_level(predictor, worker, small_sample, mode):
-    from napari_stmap.core.engine import LiveGeneView, gene_pyramid
+    from napari_stmap.core.predict import LiveGeneView, gene_pyramid
 
     gene = small_sample.genes[1]
     view = LiveGeneView(predictor, gene, mode, worker=worker, min_px=16)
@@ -59,7 +59,7 @@ def test_live_view_equals_gene_pyramid_at_every_level(predictor, worker, small_s
 
 
 def test_reads_return_at_once_and_the_worker_computes(predictor, worker, small_sample):
-    from napari_stmap.core import engine
+    from napari_stmap.core.predict import live_view as engine
 
     threads = []
     real = engine._view_block
@@ -84,7 +84,7 @@ def test_reads_return_at_once_and_the_worker_computes(predictor, worker, small_s
 
 
 def test_numpy_indexing(predictor, worker, small_sample):
-    from napari_stmap.core.engine import LiveGeneView, gene_view
+    from napari_stmap.core.predict import LiveGeneView, gene_view
 
     view = LiveGeneView(predictor, small_sample.genes[0], worker=worker)
     want = np.asarray(gene_view(predictor, small_sample.genes[0]))
@@ -104,8 +104,8 @@ def test_numpy_indexing(predictor, worker, small_sample):
 
 
 def test_tiles_done_recomputes_only_tiles_on_display(small_sample, tmp_path, worker):
-    from napari_stmap.core.engine import LiveGeneView, Predictor, gene_view
     from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict import LiveGeneView, Predictor, gene_view
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=list(small_sample.genes[:6]))
@@ -127,8 +127,8 @@ def test_tiles_done_recomputes_only_tiles_on_display(small_sample, tmp_path, wor
 
 
 def test_skipped_tiles_show_background(small_sample, tmp_path, worker):
-    from napari_stmap.core.engine import LiveGeneView, Predictor
     from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict import LiveGeneView, Predictor
     from napari_stmap.core.store import SKIPPED
 
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_skipped_tiles_show_background(small_sample, tmp_path, worker):
 
 
 def test_a_failing_block_is_reported_and_close_joins(predictor, small_sample, monkeypatch):
-    from napari_stmap.core import engine
+    from napari_stmap.core.predict import live_view as engine
 
     def boom(*args, **kwargs):
         raise OSError("disk gone")
@@ -163,7 +163,7 @@ def test_a_failing_block_is_reported_and_close_joins(predictor, small_sample, mo
 
 def test_display_mask_hides_glass_and_keeps_tissue(predictor, worker, small_sample):
     """With a tissue mask, pixels whose centre is off tissue are NaN, the rest unchanged."""
-    from napari_stmap.core.engine import LiveGeneView, gene_view, view_grid
+    from napari_stmap.core.predict import LiveGeneView, gene_view, view_grid
     from napari_stmap.core.tiling import TissueMask
 
     h, w = predictor.slide.shape_yx
@@ -188,8 +188,8 @@ def test_display_mask_hides_glass_and_keeps_tissue(predictor, worker, small_samp
 
 
 def test_predictor_display_mask_follows_the_tissue_option(small_sample, tmp_path):
-    from napari_stmap.core.engine import Predictor
     from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict import Predictor
 
     model = create_model("pixnet_tiny", genes=list(small_sample.genes[:3]))
     with Predictor(small_sample.slide, model, tmp_path / "a.zarr", tissue=False) as pred:

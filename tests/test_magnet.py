@@ -253,7 +253,7 @@ def _cell_model():
 
 def test_shared_context_equals_per_bin_crops(slide):
     """With a cell-local encoder, views aligned to the stride read the same cells both ways."""
-    from napari_stmap.core.bins import predict_bins
+    from napari_stmap.core.predict import predict_bins
 
     model = _cell_model()
     # level-0 px at 0.5 µm/px; context levels at 1 and 2 µm/px, 32 px views, stride 16:
@@ -267,7 +267,7 @@ def test_shared_context_equals_per_bin_crops(slide):
 
 def test_chunking_does_not_change_predictions(slide):
     """Pass 2 runs on the global graph; with a cell-local encoder tiles are exact too."""
-    from napari_stmap.core.bins import predict_bins
+    from napari_stmap.core.predict import predict_bins
 
     model = _cell_model()
     rng = np.random.default_rng(0)
@@ -279,7 +279,7 @@ def test_chunking_does_not_change_predictions(slide):
 
 def test_shared_context_approximates_crops_with_a_cnn(slide, tiny):
     """A CNN sees real tissue (tile) or zero padding (crop) around a view: close, not equal."""
-    from napari_stmap.core import bins as mg
+    from napari_stmap.core.predict import bins as mg
 
     yy, xx = np.mgrid[96:520:64, 96:740:64]
     c = np.stack([yy.ravel(), xx.ravel()], axis=1) + 3.3
@@ -292,9 +292,8 @@ def test_shared_context_approximates_crops_with_a_cnn(slide, tiny):
 
 
 def test_predict_bins_scales_by_area_and_tta(slide, tiny):
-    from napari_stmap.core.bins import predict_bins
     from napari_stmap.core.geometry import Square
-    from napari_stmap.core.predict_dense import predict_spots
+    from napari_stmap.core.predict import predict_bins, predict_spots
 
     tiny.metadata = {"training": {"spot_area_um2": 64.0}}  # trained on 8 µm bins
     try:
@@ -310,7 +309,7 @@ def test_predict_bins_scales_by_area_and_tta(slide, tiny):
 
 
 def test_bin_raster():
-    from napari_stmap.core.bins import bin_raster
+    from napari_stmap.core.predict import bin_raster
 
     c = np.array([[10.0, 10.0], [10.0, 26.0], [42.0, 10.0]])
     raster, grid = bin_raster(c, np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), 16.0)

@@ -330,7 +330,7 @@ def test_finer_scale_refused(pair, tmp_path):
 def test_predict_map_tiles_match_single_pass(pair):
     from napari_stmap.core.io.slide import open_slide, read_at_mpp
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.predict_dense import predict_map, predict_spots
+    from napari_stmap.core.predict import predict_map, predict_spots
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=["a", "b"], mpp=0.5).eval()
@@ -408,7 +408,7 @@ def test_spot_model_scales_by_area(pair):
     from napari_stmap.core.geometry import Disk, Square
     from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.predict_dense import predict_spots
+    from napari_stmap.core.predict import predict_spots
 
     model = create_model("spotnet_tiny", genes=["a", "b"]).eval()
     model.metadata = {"training": {"spot_area_um2": 256.0}}  # trained on 16 µm bins
@@ -499,7 +499,7 @@ def test_training_keeps_the_averaged_weights(tmp_path, pair):
 @pytest.mark.parametrize("arch", ["pixnet_tiny", "spotnet_tiny"])
 def test_dihedral_embedding_is_equivariant(arch):
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.predict_dense import dihedral_embed
+    from napari_stmap.core.predict import dihedral_embed
 
     torch.manual_seed(0)
     model = create_model(arch, genes=["a", "b"]).eval()
@@ -524,7 +524,7 @@ def test_dihedral_embedding_is_equivariant(arch):
 def test_tta_maps_are_still_seamless(pair):
     from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.model import create_model
-    from napari_stmap.core.predict_dense import predict_map
+    from napari_stmap.core.predict import predict_map
 
     torch.manual_seed(0)
     model = create_model("pixnet_tiny", genes=["a", "b"], mpp=0.5).eval()

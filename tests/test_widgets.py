@@ -60,7 +60,7 @@ def _predict_view(qtbot, docks) -> None:
 
 def _count_embedded(monkeypatch) -> list:
     """Tiles that go through the network from now on (one entry per tile and pass)."""
-    from napari_stmap.core import engine
+    from napari_stmap.core.predict import pipeline as engine
 
     seen: list = []
     real = engine._Pipeline._flush
@@ -90,13 +90,13 @@ def test_load_predict_gene_regions_export_compare(
     import anndata as ad
 
     from napari_stmap._widgets.compare import _store_predictions
-    from napari_stmap.core import predict_dense
     from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.engine import ensure_region, view_grid
     from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.geometry import Rectangle
     from napari_stmap.core.measured import load_measured
     from napari_stmap.core.model import load_model
+    from napari_stmap.core.predict import ensure_region, view_grid
+    from napari_stmap.core.predict import spots as predict_dense
 
     embedded = _count_embedded(monkeypatch)
     cli_predict_spots = predict_dense.predict_spots
@@ -188,8 +188,8 @@ def test_load_predict_gene_regions_export_compare(
 
 def test_spot_grid_rows_sum_like_core(docks, qtbot, small_sample, tiny_model):
     from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.engine import ensure_region
     from napari_stmap.core.geometry import disks
+    from napari_stmap.core.predict import ensure_region
 
     _load(qtbot, docks, small_sample, tiny_model)
     regions = docks["regions"]
@@ -279,20 +279,21 @@ def _shown(docks, gene: str) -> bool:
 def test_heatmaps_are_computed_off_the_qt_thread_without_the_network(
     docks, qtbot, small_sample, tiny_model, monkeypatch
 ):
-    from napari_stmap.core import engine
+    from napari_stmap.core import predict as engine
+    from napari_stmap.core.predict import live_view
 
     viewer, session, genes = docks["viewer"], docks["session"], docks["genes"]
     _load(qtbot, docks, small_sample, tiny_model)
     _predict_view(qtbot, docks)
     embedded = _count_embedded(monkeypatch)
     on_qt_thread = []
-    real = engine._view_block
+    real = live_view._view_block
 
     def spy(*args, **kwargs):
         on_qt_thread.append(threading.current_thread() is threading.main_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_view_block", spy)
+    monkeypatch.setattr(live_view, "_view_block", spy)
     g1, g2 = session.model_genes[:2]
     genes.add_gene(g1)
     qtbot.waitUntil(lambda: _shown(docks, g1), timeout=TIMEOUT_MS)

@@ -25,15 +25,15 @@ def magnet_file(small_sample, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- core
 def test_bin_lattice_and_prediction(small_sample, magnet_file):
-    from napari_stmap.core.bins import (
+    from napari_stmap.core.io.slide import open_slide
+    from napari_stmap.core.model import load_model
+    from napari_stmap.core.predict import (
         DEFAULT_BIN_UM,
         PredictionCancelled,
         bin_lattice,
         model_bin_um,
         predict_bin_region,
     )
-    from napari_stmap.core.io.slide import open_slide
-    from napari_stmap.core.model import load_model
 
     c = bin_lattice((0, 0, 100, 70), 32.0, shape_yx=(100, 70))
     assert c.tolist() == [[16, 16], [16, 48], [48, 16], [48, 48], [80, 16], [80, 48]]
@@ -85,11 +85,11 @@ def _wait(qtbot, worker) -> None:
 
 
 def test_magnet_in_the_viewer(docks, qtbot, small_sample, magnet_file, errors):
-    from napari_stmap._widgets._session import camera_of, viewport_bbox_px
-    from napari_stmap.core.bins import predict_bin_region
+    from napari_stmap._widgets._viewer import camera_of, viewport_bbox_px
     from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.measured import load_measured
     from napari_stmap.core.model import load_model
+    from napari_stmap.core.predict import predict_bin_region
 
     viewer, session, data = docks["viewer"], docks["session"], docks["data"]
     _wait(qtbot, data.load_slide(small_sample.slide))

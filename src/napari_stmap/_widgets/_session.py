@@ -428,7 +428,7 @@ class Session(QObject):
     def view_worker(self):
         """The thread computing heatmap blocks (:class:`~napari_stmap.core.engine.ViewWorker`)."""
         if self._view_worker is None or self._view_worker.closed:
-            from napari_stmap.core.engine import ViewWorker
+            from napari_stmap.core.predict import ViewWorker
 
             self._view_worker = ViewWorker(name="stmap-views")
         return self._view_worker
@@ -602,7 +602,7 @@ class Session(QObject):
         slide, model_path, device = self.slide, self.model_path, self.device
 
         def build():
-            from napari_stmap.core.engine import Predictor
+            from napari_stmap.core.predict import Predictor
 
             pred = Predictor(
                 slide,
@@ -740,7 +740,7 @@ class Session(QObject):
                 WorkerBase.await_workers(msecs=10_000)
             except RuntimeError:
                 logger.warning("napari-stmap: a worker did not stop within 10 s")
-        from ..core.engine import shutdown_io_pool
+        from ..core.predict import shutdown_io_pool
 
         shutdown_io_pool()
         _SESSIONS.pop(viewer_key(self.viewer), None)

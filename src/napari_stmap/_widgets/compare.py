@@ -68,8 +68,7 @@ def scale_choices(spots, path=None) -> list[tuple[float, bool]]:
 def _store_predictions(pred, meas, units: dict) -> dict:
     """Predicted counts (n, G_model + 1) of every unit from the predictor's store."""
     from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.engine import ensure_region
-    from napari_stmap.core.predict_dense import spot_footprints
+    from napari_stmap.core.predict import ensure_region, spot_footprints
 
     def summed(fps):
         boxes = np.array([f.bbox_yx() for f in fps])
@@ -122,8 +121,9 @@ def run_compare_bins(model, model_path, slide, spots_path, scales_um, device="cp
     The same predictions as the command line (:func:`~napari_stmap.core.evaluate.evaluate_measured`
     without ``predict``), kept for the plot and the layers.
     """
-    from napari_stmap.core.evaluate import evaluate_measured, predict_units
+    from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.measured import load_measured
+    from napari_stmap.core.predict import predict_units
 
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
     seen: dict = {}

@@ -66,7 +66,7 @@ def gene_layer_view(session, pred, gene: str, mode: str, on_update=None):
     in µm (from the store's :class:`~napari_stmap.core.geometry.MapGrid`), so each value sits
     over the slide area it describes.
     """
-    from napari_stmap.core.engine import LiveGeneView, view_grid
+    from napari_stmap.core.predict import LiveGeneView, view_grid
 
     grid = view_grid(pred.store, 0)
     view = LiveGeneView(
@@ -90,7 +90,7 @@ def bins_layer_data(session, gene: str, mode: str) -> tuple[np.ndarray, dict]:
 
     Without a prediction yet: one NaN pixel of the model's bin size at the origin.
     """
-    from napari_stmap.core.bins import model_bin_um
+    from napari_stmap.core.predict import model_bin_um
 
     mpp, pred = session.mpp, session.bins
     if pred is None:

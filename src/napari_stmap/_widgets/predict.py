@@ -1,21 +1,16 @@
 """Dock "Predict": device, predict what I see (follows the camera) or the whole slide.
 
-The network runs in the :class:`~napari_stmap.core.engine.Predictor`'s threads; this dock only
+The network runs in the :class:`~napari_stmap.core.predict.Predictor`'s threads; this dock only
 schedules tiles (viewport first, centre out), shows tiles done / wanted (in the dock and as a
-napari progress bar in the activity dock, whose Cancel button cancels too) and cancels.
-
-With a bin model (MagNet, ``input_kind == "bins"``) there is no predictor: the bins of the
-view (or of the tissue of the whole slide) on the model's lattice are predicted in a worker by
-:func:`~napari_stmap.core.bins.predict_bin_region` (cancellable between chunks of bins) and the
-result is added to the session's :attr:`~._session.Session.bins`.
+napari progress bar in the activity dock, whose Cancel button cancels too) and cancels. A bin
+model (MagNet) has no predictor: its bins are predicted in a worker (:mod:`._bin_runs`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -28,7 +23,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._session import camera_of, get_session, notify_error, viewport_bbox_px
+from ._bin_runs import BinRuns
+from ._notify import notify_error
+from ._session import get_session
+from ._viewer import camera_of, viewport_bbox_px
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +61,12 @@ class PredictWidget(QWidget):
 
     DEBOUNCE_MS = 300
 
-    #: (chunks done, chunks) of a bin model's prediction, emitted from its worker.
-    bins_progress = Signal(int, int)
-
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer, self)
         self.pbar = None  # napari progress bar while tiles are pending
-        self.bins_worker = None  # worker predicting a bin model
-        self._bins_cancel = threading.Event()
-        self._bins_again: bool | None = None  # a request that came while a worker ran
+        self.bin_runs = BinRuns(self.session, self._view_box)
         self._build()
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
@@ -85,7 +78,12 @@ class PredictWidget(QWidget):
         self.session.tiles_done.connect(self._on_tiles_done)
         self.session.busy.connect(self._on_session_busy)
         self.session.changed.connect(self._on_session_changed)
-        self.bins_progress.connect(self._on_bins_progress)
+        runs = self.bin_runs
+        runs.message.connect(self.status.setText)
+        runs.running.connect(self._set_running)
+        runs.started.connect(self._on_bins_started)
+        runs.progressed.connect(self._on_bins_progress)
+        runs.finished.connect(self._on_bins_finished)
         QTimer.singleShot(0, self._fill_devices)
 
     def _build(self) -> None:
@@ -170,12 +168,12 @@ class PredictWidget(QWidget):
             notify_error("load a slide and a model in the 'Slide & data' dock first", "predict")
             return
         if s.is_bins:
-            self._start_bins(whole)
+            self.bin_runs.start(whole)
             return
         self._set_running(True)
 
         def go(pred) -> None:
-            box = viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
+            box = self._view_box()
             if box is None and not whole:
                 self.status.setText("The view does not show the slide; pan to it.")
                 self._set_running(pred.pending > 0)
@@ -189,85 +187,28 @@ class PredictWidget(QWidget):
 
         s.with_predictor(go, on_fail=lambda: self._set_running(False))
 
+    def _view_box(self):
+        """The part of the slide in view, level-0 px (None when the view misses the slide)."""
+        s = self.session
+        return viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
+
     # --- bin models ------------------------------------------------------------------------
-    def _start_bins(self, whole: bool) -> None:
-        """Predict the bins in view (or on the whole slide's tissue) in a worker."""
-        s = self.session
-        if self.bins_worker is not None:
-            self._bins_again = bool(whole or self._bins_again)
-            return
-        box = None if whole else viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
-        if box is None and not whole:
-            self.status.setText("The view does not show the slide; pan to it.")
-            return
-        self._bins_cancel.clear()
-        self.bins_worker = True  # placeholder until the model is loaded
-        self._set_running(True)
-        self.status.setText("loading the bin model…")
-        s.with_bin_model(lambda model: self._run_bins(model, box), on_fail=self._on_bins_finished)
+    @property
+    def bins_worker(self):
+        """The worker predicting a bin model's bins (None when none runs)."""
+        return self.bin_runs.worker
 
-    def _run_bins(self, model, box) -> None:
-        s = self.session
-        slide, device, cancel = s.slide, s.device, self._bins_cancel
-        what = "whole slide" if box is None else "view"
-        emit = self.bins_progress.emit
-
-        def work():
-            from napari_stmap.core.bins import model_bin_um, predict_bin_region
-            from napari_stmap.core.tiling import tissue_mask
-
-            bin_um = model_bin_um(model)
-            tissue = tissue_mask(slide, dilate_um=bin_um) if box is None else None
-            return predict_bin_region(
-                model,
-                slide,
-                box,
-                bin_um=bin_um,
-                tissue=tissue,
-                device=device,
-                progress=lambda done, total: emit(done, total),
-                cancelled=cancel.is_set,
-            )
-
-        def done(pred) -> None:
-            if slide is not s.slide or not s.is_bins:
-                return
-            s.set_bins(pred, merge=True)
-            self.status.setText(
-                f"Done: {pred.n} bins of {pred.bin_um:.3g} µm ({what}); "
-                f"{s.bins.n} bins predicted in all."
-            )
-
-        def failed(exc: BaseException) -> None:
-            from napari_stmap.core.bins import PredictionCancelled
-
-            if isinstance(exc, PredictionCancelled):
-                self.status.setText("Cancelled; bins already predicted are kept.")
-
-        self.status.setText(f"predicting the bins of the {what}…")
+    def _on_bins_started(self) -> None:
         self.progress.setFormat("%v / %m chunks")
         self.progress.setRange(0, 0)
-        self.bins_worker = s.run(
-            work,
-            on_done=done,
-            on_error=failed,
-            on_finally=self._on_bins_finished,
-            what="predicting bins",
-            progress={"total": 0, "desc": "stmap: predicting bins"},
-        )
 
     def _on_bins_progress(self, done: int, total: int) -> None:
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
 
     def _on_bins_finished(self) -> None:
-        self.bins_worker = None
-        self._set_running(False)
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
-        again, self._bins_again = self._bins_again, None
-        if again is not None and not self._bins_cancel.is_set():
-            self._start_bins(again)
 
     # --- cancel ----------------------------------------------------------------------------
     def _on_cancel_clicked(self) -> None:
@@ -275,8 +216,7 @@ class PredictWidget(QWidget):
 
     def cancel(self) -> None:
         """Drop the queued tiles (tiles already done are kept) and stop following the view."""
-        self._bins_cancel.set()
-        self._bins_again = None
+        self.bin_runs.cancel()
         self.session.cancel()
         self.follow_check.setChecked(False)
         self.status.setText("Cancelled; tiles already done are kept.")

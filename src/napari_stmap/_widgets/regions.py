@@ -95,7 +95,7 @@ class RegionTable:
 def compute_regions(source, regions: list, mpp: float) -> RegionTable:
     """Predict what the regions need (blocking) and sum the map over each one (holes subtract)."""
     from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.engine import ensure_region
+    from napari_stmap.core.predict import ensure_region
     from napari_stmap.core.regions import combine_parts, region_parts
 
     fps, signs, groups = region_parts(regions)

@@ -94,8 +94,8 @@ def _stem(path: Path) -> str:
 
 def cmd_predict(args) -> int:
     """``stmap predict --model M --slide S --out STORE.zarr [...]``."""
-    from ..core.engine import predict_cohort
     from ..core.io.slide import open_slide
+    from ..core.predict import predict_cohort
 
     pairs = _cohort(args)
     for slide, _ in pairs:

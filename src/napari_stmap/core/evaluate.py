@@ -13,7 +13,7 @@ Values and normalisation
 Dense models are summed over exactly the same base bins as the measurement (their map is
 additive, so this equals predicting the coarse footprint directly). Spot models predict each
 unit's footprint from one crop, scaled by area (see
-:func:`~napari_stmap.core.predict_dense.predict_spots`). Headline metrics use
+:func:`~napari_stmap.core.predict.spots.predict_spots`). Headline metrics use
 ``log1p(1e4 · gene / total)`` per unit, computed after summing, measured total = all
 transcripts of the unit (all genes of the matrix), predicted total = the model's total channel
 (:func:`~napari_stmap.core.metrics.evaluate_expression`). Absolute figures compare predicted
@@ -27,20 +27,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from . import predict_dense
 from .aggregate import aggregate
 from .errors import StmapInputError
 from .geometry import MapGrid
 from .io.slide import Slide, open_slide
 from .measured import Measured, Units, load_measured, scale_key, spot_density
 from .metrics import evaluate_expression
+from .predict import predict_units, spot_footprints, unit_spots
 from .synthetic import TRUTH_GRID_UM, load_synthetic, truth_density
 
 __all__ = [
@@ -48,101 +47,12 @@ __all__ = [
     "evaluate_measured",
     "evaluate_model",
     "format_table",
-    "predict_units",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Keys of every per-scale entry of the evaluation JSON.
 METRIC_KEYS = ("pcc_f", "pcc_s", "pcc_m", "mse", "mae", "n_spots", "n_genes")
-
-
-# ------------------------------------------------------------------------------ prediction
-def predict_units(
-    model: Any,
-    slide: Any,
-    measured: Measured,
-    units: dict[str, Units],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-    **kw: Any,
-) -> dict[str, np.ndarray]:
-    """Predicted counts of every scale's units, as :func:`evaluate_measured` scores them.
-
-    Parameters
-    ----------
-    model
-        Any registered model.
-    slide
-        The measured section's slide.
-    measured, units
-        :func:`~napari_stmap.core.measured.load_measured`'s result and its ``units`` per
-        scale key (µm, :func:`~napari_stmap.core.measured.scale_key`).
-    progress : callable, optional
-        ``progress(done, total)`` in spots over every prediction this makes (the summed
-        scales' base bins once, then each other scale's units), ``total`` known from the start.
-    **kw
-        :func:`~napari_stmap.core.predict_dense.predict_spots` options (``device``,
-        ``tile_px``, ``batch_size``, ``tta``).
-
-    Returns
-    -------
-    dict of str to numpy.ndarray
-        Per scale key, (n_units, G_model + 1) expected counts (genes in ``model.genes``
-        order, total last). Dense models predict summed scales once, on their base bins, and
-        sum those predictions (the value rule makes that exact).
-    """
-    predict_spots = predict_dense.predict_spots  # looked up per call (tests replace it)
-    out: dict[str, np.ndarray] = {}
-    summed = {k: u for k, u in units.items() if u.members is not None}
-    used = None
-    if model.input_kind == "dense" and summed:
-        used = np.unique(np.concatenate([u.members.indices for u in summed.values()]))
-    rest = [k for k in units if used is None or k not in summed]
-    steps = _Steps(progress, (0 if used is None else len(used)) + sum(units[k].n for k in rest))
-    if used is not None:
-        base = measured.spots.subset(used)
-        pred_used = predict_spots(model, slide, base, progress=steps.part(len(used)), **kw)
-        pred_base = np.zeros((measured.spots.n_spots, model.num_outputs))
-        pred_base[used] = pred_used
-        out = {k: np.asarray(u.members @ pred_base) for k, u in summed.items()}
-    for k in rest:
-        spots = _unit_spots(units[k])
-        out[k] = predict_spots(model, slide, spots, progress=steps.part(units[k].n), **kw)
-    return out
-
-
-class _Steps:
-    """One running ``progress(done, total)`` over consecutive parts of known sizes (spots)."""
-
-    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
-        self.progress, self.total, self.before = progress, int(total), 0
-        if progress is not None:
-            progress(0, self.total)  # the total is known before the first (slow) part
-
-    def part(self, n: int) -> Callable[[int, int], None] | None:
-        """Callback for the next part of ``n`` spots (its own ``(done, n)`` counts)."""
-        if self.progress is None:
-            return None
-        before, self.before = self.before, self.before + int(n)
-
-        def step(done: int, of: int) -> None:
-            self.progress(before + min(done, n), self.total)
-
-        return step
-
-
-@dataclass
-class _SpotsView:
-    """Minimal Spots-like view (centres, footprint, size) for :func:`predict_spots`."""
-
-    centers_yx: np.ndarray
-    footprint: str
-    size_px: float
-
-
-def _unit_spots(u: Units) -> _SpotsView:
-    return _SpotsView(u.centers_yx, u.footprint, u.size_px)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -235,15 +145,18 @@ def evaluate_measured(
     top_k : int, optional
         Evaluate only the ``top_k`` model genes with the highest mean measured count.
     device, tile_px, batch_size, tta
-        Passed to :func:`~napari_stmap.core.predict_dense.predict_spots` (``tta``: average
+        Passed to :func:`~napari_stmap.core.predict.spots.predict_spots` (``tta``: average
         over the 8 turns and flips of every tile or crop).
     predict : callable, optional
         ``predict(measured, units) -> {key: (n, G_model + 1) counts}``: predictions of the
         units to score instead of running the model (e.g. from the viewer's prediction store,
-        so the network does not run twice); ``model`` then only gives genes and metadata.
+        so the network does not run twice; any
+        :meth:`~napari_stmap.core.predict.source.PredictionSource.unit_predictions` fits);
+        ``model`` then only gives genes and metadata.
     progress : callable, optional
         ``progress(done, total)`` in spots while the model predicts (see
-        :func:`predict_units`); not called when ``predict`` is given.
+        :func:`~napari_stmap.core.predict.units.predict_units`); not called when ``predict``
+        is given.
 
     Returns
     -------
@@ -299,9 +212,9 @@ def _truth_block(truth, slide, meas, units, preds, cols, names, top_k, factor) -
 def _truth_values(sample, slide, meas, units, names) -> dict[str, np.ndarray]:
     """Truth expected counts (n, G + 1) of every unit, from the 2 µm truth grid."""
     cell = TRUTH_GRID_UM / float(sample.mpp)
-    boxes = [np.array([f.bbox_yx() for f in predict_dense.spot_footprints(meas.spots)])]
+    boxes = [np.array([f.bbox_yx() for f in spot_footprints(meas.spots)])]
     boxes += [
-        np.array([f.bbox_yx() for f in predict_dense.spot_footprints(_unit_spots(u))])
+        np.array([f.bbox_yx() for f in spot_footprints(unit_spots(u))])
         for u in units.values()
         if u.n
     ]
@@ -315,10 +228,10 @@ def _truth_values(sample, slide, meas, units, names) -> dict[str, np.ndarray]:
     for key, u in units.items():
         if u.members is not None:
             if base is None:
-                base = aggregate(dens, grid, predict_dense.spot_footprints(meas.spots))
+                base = aggregate(dens, grid, spot_footprints(meas.spots))
             out[key] = np.asarray(u.members @ base)
         else:
-            out[key] = aggregate(dens, grid, predict_dense.spot_footprints(_unit_spots(u)))
+            out[key] = aggregate(dens, grid, spot_footprints(unit_spots(u)))
     return out
 
 

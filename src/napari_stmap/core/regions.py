@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .engine import ensure_region
 from .errors import StmapInputError
 from .geometry import (
     Disk,
@@ -35,6 +34,7 @@ from .geometry import (
     weight_matrix,
 )
 from .io.regions import Annotation, as_rgb, nest_holes, regions_from_annotations
+from .predict import ensure_region
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def aggregate_store(
 
     Footprints are processed in spatial blocks of ``block_px`` level-0 px, so memory is
     bounded by one block's map; tiles a block needs are predicted on demand
-    (:func:`~napari_stmap.core.engine.ensure_region`). Off-tissue tiles count as 0 counts.
+    (:func:`~napari_stmap.core.predict.ensure_region`). Off-tissue tiles count as 0 counts.
     ``signs``/``groups`` combine parts into regions (holes subtract; ``n_groups`` rows; see
     :func:`region_parts`).
     """

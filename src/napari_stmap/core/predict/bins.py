@@ -35,16 +35,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_stmap.core.errors import StmapInputError
-from napari_stmap.core.geometry import MapGrid, turn_points
-
-from .io.slide import Slide, model_px_per_level0, read_at_mpp
+from ..aggregate import aggregate
+from ..errors import StmapInputError
+from ..geometry import MapGrid, turn_points
+from ..io.slide import Slide, model_px_per_level0, read_at_mpp
+from ..metrics import normalize_expression
 
 if TYPE_CHECKING:
     import torch
 
-    from napari_stmap.core.model.magnet import MagNet
-    from napari_stmap.core.tiling import TissueMask
+    from ..model.magnet import MagNet
+    from ..tiling import TissueMask
 
 __all__ = [
     "DEFAULT_BIN_UM",
@@ -108,8 +109,6 @@ class BinPrediction:
 
     def values(self, gene: str, mode: str = "normalised") -> np.ndarray:
         """(n,) values of ``gene``: ``"absolute"`` counts or ``"normalised"`` log1p(1e4·g/total)."""
-        from napari_stmap.core.metrics import normalize_expression
-
         if gene not in self.output_names:
             msg = f"{gene!r} is not one of the model's outputs; pass one of {self.genes[:5]}…"
             raise StmapInputError(msg)
@@ -152,8 +151,6 @@ class BinPrediction:
         A bin partly inside a footprint adds that fraction of its counts (the additive rule);
         a footprint touching a part of the lattice without prediction is NaN.
         """
-        from napari_stmap.core.aggregate import aggregate
-
         raster, grid = self.raster()
         return aggregate(raster, grid, list(footprints))
 
@@ -366,7 +363,7 @@ def predict_bins(
     """
     import torch
 
-    from napari_stmap.core.model.magnet import knn_graph
+    from ..model.magnet import knn_graph
 
     centres = np.asarray(centers_yx, dtype=np.float64).reshape(-1, 2)
     n = len(centres)
@@ -454,7 +451,7 @@ def _chunk_context(
     model: MagNet, slide: Slide, centres: np.ndarray, shared: bool
 ) -> list[_Context]:
     """Per context level, the images a chunk's bins read their context from."""
-    from napari_stmap.core.model.magnet import tile_box
+    from ..model.magnet import tile_box
 
     out = []
     for level, mpp in enumerate(model.context_mpp):
