@@ -89,8 +89,8 @@ def test_load_predict_gene_regions_export_compare(
 ):
     import anndata as ad
 
-    from napari_stmap._widgets.compare import _store_predictions
     from napari_stmap.core.aggregate import aggregate
+    from napari_stmap.core.compare import store_predictions as _store_predictions
     from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.geometry import Rectangle
     from napari_stmap.core.measured import load_measured
@@ -325,7 +325,7 @@ def test_heatmaps_are_computed_off_the_qt_thread_without_the_network(
 def test_finished_tiles_refresh_layers_in_view_coalesced(docks, qtbot, small_sample, tiny_model):
     import time
 
-    from napari_stmap._widgets._session import camera_of
+    from napari_stmap._widgets._viewer import camera_of
 
     viewer, session, genes = docks["viewer"], docks["session"], docks["genes"]
     _load(qtbot, docks, small_sample, tiny_model)

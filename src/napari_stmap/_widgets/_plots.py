@@ -35,6 +35,39 @@ def style_axes(ax) -> None:
     ax.title.set_color("#dddddd")
 
 
+def draw_scatter(canvas, figure, x, y, *, title: str, xlabel: str, ylabel: str) -> None:
+    """Scatter plot of the finite pairs of ``x`` and ``y`` (1-D) on ``figure``, then redraw."""
+    x, y = np.asarray(x), np.asarray(y)
+    ok = np.isfinite(x) & np.isfinite(y)
+    figure.clear()
+    ax = figure.add_subplot(111)
+    ax.scatter(x[ok], y[ok], s=3, alpha=0.4, color="#4fc3f7", linewidths=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    style_axes(ax)
+    canvas.draw_idle()
+
+
+def draw_top_bars(canvas, figure, labels, values, *, title: str, xlabel: str, top: int = 10):
+    """Horizontal bars of the ``top`` largest ``values`` (NaN last), largest on top; redraw."""
+    values = np.asarray(values)
+    order = np.argsort(np.nan_to_num(values, nan=-np.inf))[::-1][:top]
+    figure.clear()
+    ax = figure.add_subplot(111)
+    ax.barh([labels[k] for k in order][::-1], values[order][::-1], color="#4fc3f7")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    style_axes(ax)
+    canvas.draw_idle()
+
+
+def clear_plot(canvas, figure) -> None:
+    """Empty ``figure`` and redraw."""
+    figure.clear()
+    canvas.draw_idle()
+
+
 def colormap_rgba(colormap, n: int = 256) -> np.ndarray:
     """``(n, 4)`` RGBA floats in 0..1 of a napari :class:`~napari.utils.Colormap`."""
     return np.clip(np.asarray(colormap.map(np.linspace(0, 1, n)), dtype=float)[:, :4], 0, 1)

@@ -5,54 +5,41 @@ asks for it and torn down when the viewer's window closes: workers are quit, the
 threads are joined. Long work runs in napari ``thread_worker``s (:meth:`Session.run`); the
 predictor runs in its own threads (leaving a CPU core to the GUI) and reports finished tiles on
 a queue that a 100 ms QTimer polls on the Qt thread (:attr:`Session.tiles_done`). Heatmaps are
-computed off the Qt thread by the session's :class:`~napari_stmap.core.engine.ViewWorker`.
+computed off the Qt thread by the session's :class:`~napari_stmap.core.predict.ViewWorker`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import hashlib
 import logging
-import math
 import os
 import queue
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from napari_stmap.core.display import stmap_meta
+from napari_stmap.core.model import load_model
+from napari_stmap.core.predict import Predictor, ViewWorker, shutdown_io_pool
+from napari_stmap.core.store import TODO, store_path_for
+
+from .._layers import align_shapes_to_slide
+from .._sample_data import cache_dir
+from ._lifetime import (
+    HOOK_GUARD,
+    CloseWatcher,
+    DockWatcher,
+    freeze_startup_objects,
+    unfreeze_startup_objects,
+)
+from ._notify import notify_error
+from ._viewer import ANNOTATION_KINDS, keep_annotations_on_top, stmap_kind
 
 logger = logging.getLogger(__name__)
 
-#: Prefix of every layer the plugin owns (updated in place, never duplicated).
-PREFIX = "stmap: "
 _SESSIONS: dict[int, Session] = {}
-
-
-def notify_error(exc: BaseException | str, what: str = "") -> None:
-    """Show an error as a napari notification (the message says what to do)."""
-    from napari.utils.notifications import show_error
-
-    text = str(exc) if isinstance(exc, BaseException) else exc
-    if isinstance(exc, BaseException) and not text:
-        text = type(exc).__name__
-    show_error(f"napari-stmap: {what}{': ' if what else ''}{text}")
-
-
-def notify_warning(text: str) -> None:
-    """Show a warning as a napari notification."""
-    from napari.utils.notifications import show_warning
-
-    show_warning(f"napari-stmap: {text}")
-
-
-def notify_info(text: str) -> None:
-    """Show an information message as a napari notification."""
-    from napari.utils.notifications import show_info
-
-    show_info(f"napari-stmap: {text}")
 
 
 def viewer_key(viewer) -> int:
@@ -82,101 +69,6 @@ def get_session(viewer, widget=None) -> Session:
     return session
 
 
-def owned_layer(viewer, name: str):
-    """The layer called ``name`` in ``viewer``, or None."""
-    return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 (LayerList)
-
-
-#: Kinds (``metadata["stmap"]["kind"]``) of the plugin's annotation layers: drawn shapes and
-#: spot grids stay above every other layer of the plugin so they are never hidden.
-ANNOTATION_KINDS = ("regions", "spot grid")
-
-
-def stmap_kind(layer) -> str | None:
-    """The plugin's kind of ``layer`` (``"gene"``, ``"regions"``, …), or None."""
-    meta = getattr(layer, "metadata", None) or {}
-    return (meta.get("stmap") or {}).get("kind")
-
-
-def keep_annotations_on_top(viewer) -> bool:
-    """Move the shapes and spot-grid layers of the plugin to the top (keeping their order).
-
-    Returns whether anything moved.
-    """
-    layers = viewer.layers
-    idx = [k for k, layer in enumerate(layers) if stmap_kind(layer) in ANNOTATION_KINDS]
-    n = len(layers)
-    if not idx or idx == list(range(n - len(idx), n)):
-        return False
-    active = layers.selection.active
-    layers.move_multiple(idx, n)
-    if active is not None and active in layers:
-        layers.selection.active = active
-    return True
-
-
-_GC_FROZEN = [False]
-
-
-def freeze_startup_objects() -> None:
-    """Exclude the objects alive now (napari, Qt, torch, the model) from garbage collection.
-
-    Once per process, after the predictor is built. A full collection walks every tracked
-    object while holding the GIL: with napari and torch loaded that is ~360,000 objects and took
-    430 ms (up to 790 ms on a busy 2-core machine) on whichever thread triggered it, freezing
-    the viewer. Frozen objects are still freed by reference counting; only reference cycles
-    among them are never collected (they are modules, classes and functions for the most part).
-    """
-    if not _GC_FROZEN[0]:
-        _GC_FROZEN[0] = True
-        gc.collect(1)  # young garbage goes first; an old-generation pass would cost the above
-        gc.freeze()
-        logger.debug("napari-stmap: %d objects frozen out of the GC", gc.get_freeze_count())
-
-
-_SUPERQT_SHOWWARNING = "WorkerBase.run.<locals>.<lambda>"
-
-
-class _WarningHookGuard:
-    """Undo superqt's thread-unsafe ``warnings.showwarning`` swap once our workers are done.
-
-    Each superqt worker sets ``warnings.showwarning`` to a lambda holding the worker inside
-    ``warnings.catch_warnings()``; two workers that overlap restore each other's hooks in the
-    wrong order, so the module ``warnings`` keeps the last lambda, and through it the worker,
-    its callbacks, the session and the closed viewer (a leak measured by napari's own
-    ``make_napari_viewer`` check). When the last of our workers has finished, a hook still
-    pointing at a worker is replaced by the one that was there before our first worker.
-    """
-
-    def __init__(self) -> None:
-        self._saved = None
-
-    def before_start(self, running: int) -> None:
-        hook = warnings.showwarning
-        if running == 0 and getattr(hook, "__qualname__", "") != _SUPERQT_SHOWWARNING:
-            self._saved = hook
-
-    def after_finish(self, running: int) -> None:
-        hook = warnings.showwarning
-        stale = getattr(hook, "__qualname__", "") == _SUPERQT_SHOWWARNING
-        if running == 0 and stale and self._saved is not None:
-            warnings.showwarning = self._saved
-
-
-_HOOK_GUARD = _WarningHookGuard()
-
-
-def unfreeze_startup_objects() -> None:
-    """Give the frozen objects back to the garbage collector (when a session closes).
-
-    Otherwise a closed viewer that sits in a reference cycle frozen by
-    :func:`freeze_startup_objects` would never be freed.
-    """
-    if _GC_FROZEN[0]:
-        _GC_FROZEN[0] = False
-        gc.unfreeze()
-
-
 def gui_threads() -> int:
     """Torch CPU threads for the network in the viewer: all cores but one (at least 1).
 
@@ -188,84 +80,6 @@ def gui_threads() -> int:
     except AttributeError:  # pragma: no cover - not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
-
-
-def camera_of(viewer):
-    """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
-
-
-def viewport_bbox_px(viewer, mpp: float, shape_yx: Sequence[int]) -> tuple[float, ...] | None:
-    """The part of the slide in view, level-0 px ``(y0, x0, y1, x1)`` (world µm / ``mpp``).
-
-    None when the view does not overlap the slide.
-    """
-    cam = camera_of(viewer)
-    h, w = (float(v) for v in viewer.canvas.size)
-    zoom = float(cam.zoom) or 1.0
-    cy, cx = (float(v) for v in cam.center[-2:])
-    hy, hx = h / zoom / 2, w / zoom / 2
-    y0, x0 = max((cy - hy) / mpp, 0.0), max((cx - hx) / mpp, 0.0)
-    y1, x1 = min((cy + hy) / mpp, float(shape_yx[0])), min((cx + hx) / mpp, float(shape_yx[1]))
-    if y1 <= y0 or x1 <= x0:
-        return None
-    return (y0, x0, y1, x1)
-
-
-class _DockWatcher(QObject):
-    """Event filter on a dock and its Qt ancestors: finds the main window it ends up in.
-
-    napari wraps a plugin widget in a ``QDockWidget`` and then docks that in its main window,
-    so the widget's own parent changes before it reaches the window: every ancestor is
-    watched for parent changes until the top is a main window, which the session watches.
-    """
-
-    def __init__(self, session: Session, widget) -> None:
-        super().__init__(widget)
-        self._session = session
-        self._follow()
-
-    def _follow(self) -> None:
-        # no Python references to the ancestors: napari keeps finished workers (and so, via
-        # their closures, the docks) alive as long as its window object lives
-        widget = self.parent()
-        node = widget
-        while node is not None:
-            node.installEventFilter(self)  # installing twice keeps one filter
-            node = node.parentWidget()
-        self._session.watch_window(widget.window())
-
-    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
-        if event.type() in (QEvent.Type.ParentChange, QEvent.Type.Show):
-            with contextlib.suppress(RuntimeError):  # widget deleted meanwhile
-                self._follow()
-        return False
-
-
-class _CloseWatcher(QObject):
-    """Event filter on the main window: tears the session down when the window closes."""
-
-    def __init__(self, session: Session, window) -> None:
-        super().__init__(window)
-        self._session = session
-
-    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
-        if event.type() == QEvent.Type.Close:
-            if event.spontaneous():  # the user may still cancel: check once it is handled
-                QTimer.singleShot(0, self._on_window_maybe_closed)
-            else:
-                self._session.close()
-        return False
-
-    def _on_window_maybe_closed(self) -> None:
-        try:
-            window = self.parent()
-            visible = window is not None and window.isVisible()
-        except RuntimeError:  # already deleted
-            visible = False
-        if not visible:
-            self._session.close()
 
 
 class _ClosedViewer:
@@ -290,7 +104,7 @@ class Session(QObject):
 
     Bin models (``input_kind == "bins"``, MagNet) have no predictor and no store: the model is
     loaded in a worker (:meth:`with_bin_model`) and the docks keep its latest prediction, a
-    :class:`~napari_stmap.core.bins.BinPrediction`, in :attr:`bins`.
+    :class:`~napari_stmap.core.predict.BinPrediction`, in :attr:`bins`.
     """
 
     changed = Signal(str)
@@ -334,7 +148,7 @@ class Session(QObject):
     # --- lifetime --------------------------------------------------------------------------
     def attach(self, widget) -> None:
         """Watch the main window ``widget`` (a dock) sits in, now or once it is docked."""
-        _DockWatcher(self, widget)  # a child of the widget: lives and dies with it
+        DockWatcher(self, widget)  # a child of the widget: lives and dies with it
 
     def watch_window(self, window) -> None:
         """Close the session when ``window`` (a top-level Qt window holding a dock) closes."""
@@ -343,7 +157,7 @@ class Session(QObject):
         if not hasattr(window, "addDockWidget") or id(window) in self._windows:
             return  # not docked yet (the dock is its own window), or already watched
         self._windows.add(id(window))  # ids only: no reference that keeps a closed window
-        watcher = _CloseWatcher(self, window)
+        watcher = CloseWatcher(self, window)
         window.installEventFilter(watcher)
         window.destroyed.connect(self.close)
 
@@ -381,9 +195,7 @@ class Session(QObject):
 
     def _align_regions(self, layer) -> None:
         """Put a regions layer in level-0 px (e.g. opened GeoJSON) on the slide's µm/px."""
-        from .._layers import align_shapes_to_slide
-
-        meta = (getattr(layer, "metadata", None) or {}).get("stmap") or {}
+        meta = stmap_meta(layer)
         if self.slide is None or meta.get("kind") != "regions" or meta.get("units") != "px":
             return
         if meta.get("mpp") != self.mpp:
@@ -426,10 +238,8 @@ class Session(QObject):
                 keep_annotations_on_top(self.viewer)
 
     def view_worker(self):
-        """The thread computing heatmap blocks (:class:`~napari_stmap.core.engine.ViewWorker`)."""
+        """The thread computing heatmap blocks (:class:`~napari_stmap.core.predict.ViewWorker`)."""
         if self._view_worker is None or self._view_worker.closed:
-            from napari_stmap.core.predict import ViewWorker
-
             self._view_worker = ViewWorker(name="stmap-views")
         return self._view_worker
 
@@ -452,7 +262,7 @@ class Session(QObject):
         from napari.qt.threading import create_worker
 
         worker = create_worker(fn, *args, _progress=progress or False, _ignore_errors=True)
-        _HOOK_GUARD.before_start(len(self._workers))
+        HOOK_GUARD.before_start(len(self._workers))
         self._workers.add(worker)
         state = {"error": None}
 
@@ -474,7 +284,7 @@ class Session(QObject):
 
         def _on_finished() -> None:
             self._workers.discard(worker)
-            _HOOK_GUARD.after_finish(len(self._workers))
+            HOOK_GUARD.after_finish(len(self._workers))
             if on_finally is not None:
                 try:
                     on_finally()
@@ -516,8 +326,6 @@ class Session(QObject):
         def load():
             import torch
 
-            from napari_stmap.core.model import load_model
-
             torch.set_num_threads(gui_threads())
             return load_model(key[0], device=key[1])
 
@@ -546,18 +354,14 @@ class Session(QObject):
 
     # --- predictor -------------------------------------------------------------------------
     def store_path(self) -> Path:
-        """Prediction store of this slide and model (reused across sessions)."""
-        from .._sample_data import cache_dir
+        """Prediction store of this slide and model (reused across sessions).
 
+        Named by :func:`~napari_stmap.core.store.store_path_for` (hashes the model file: not
+        on the Qt thread) under :attr:`store_root`, else the cache's ``stores`` folder.
+        """
         root = self.store_root or cache_dir() / "stores"
         root.mkdir(parents=True, exist_ok=True)
-        slide_key = hashlib.sha1(str(Path(self.slide.path).resolve()).encode()).hexdigest()[:10]
-        digest = hashlib.sha1()
-        with open(self.model_path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        stem = Path(self.slide.path).name.split(".")[0]
-        return root / f"{stem}-{slide_key}-{digest.hexdigest()[:10]}.zarr"
+        return store_path_for(self.slide.path, self.model_path, root)
 
     def with_predictor(
         self, then: Callable[[Any], None], on_fail: Callable[[], None] | None = None
@@ -602,8 +406,6 @@ class Session(QObject):
         slide, model_path, device = self.slide, self.model_path, self.device
 
         def build():
-            from napari_stmap.core.predict import Predictor
-
             pred = Predictor(
                 slide,
                 model_path,
@@ -668,8 +470,6 @@ class Session(QObject):
         pred = self.predictor
         if pred is None or not self.goal:
             return 0, 0
-        from napari_stmap.core.store import TODO
-
         done = sum(1 for t in self.goal if pred.store.state(t) != TODO)
         return done, len(self.goal)
 
@@ -740,8 +540,6 @@ class Session(QObject):
                 WorkerBase.await_workers(msecs=10_000)
             except RuntimeError:
                 logger.warning("napari-stmap: a worker did not stop within 10 s")
-        from ..core.predict import shutdown_io_pool
-
         shutdown_io_pool()
         _SESSIONS.pop(viewer_key(self.viewer), None)
         # napari keeps every finished worker of a window (its task-status list), and the
@@ -750,8 +548,3 @@ class Session(QObject):
         self.viewer = _ClosedViewer()
         unfreeze_startup_objects()
         logger.debug("napari-stmap session closed")
-
-
-def fmt_um(value: float) -> str:
-    """A length in µm for labels."""
-    return "?" if value is None or not math.isfinite(value) else f"{value:.4g} µm"

@@ -1,29 +1,18 @@
 """Dock "Genes": search a gene, add its heatmap, choose colours, scale and contrast.
 
-A heatmap is a :class:`~napari_stmap.core.engine.LiveGeneView` of one gene from the prediction
-store: switching genes reads cached embeddings and applies the model's pointwise head, it never
-reruns the network. The Qt thread never computes either: napari reads the blocks computed so
-far (NaN, transparent, where a tile is not predicted or its block not computed yet), the
-session's view worker computes the blocks a read missed and wakes the dock, which refreshes the
-layer, at most every :attr:`GenesWidget.REFRESH_MS` (a 50 ms timer catches up on deferred
-refreshes). Finished tiles only cause work for the layers showing them. Layers are called
-``stmap: GENE`` and updated in place; "Show in selected" switches a layer to another gene.
-
-With a bin model (MagNet) a heatmap is an image of one pixel per bin
-(:meth:`~napari_stmap.core.bins.BinPrediction.gene_raster` of the session's latest bin
-prediction; NaN, transparent, where no bin was predicted), placed in µm like the dense maps
-(``scale`` = bin side, ``translate`` = centre of the first bin). Switching genes or values
-recomputes the raster from the stored counts; a new prediction updates the layers in place.
+The heatmap layers (``stmap: GENE``, updated in place) and the live views behind them are
+:class:`~._heatmaps.Heatmaps`'s; switching genes never reruns the network and the Qt thread
+computes nothing. Layers whose blocks arrived are refreshed at most every
+:attr:`GenesWidget.REFRESH_MS` (a 50 ms timer catches up on deferred refreshes); finished tiles
+only cause work for the layers showing them. "Show in selected" switches a layer to another gene.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
-import numpy as np
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import QStringListModel, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QCompleter,
@@ -37,106 +26,23 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stmap.core.display import (
+    MODES,
+    colorbar_label,
+    gene_layer_name,
+    is_gene_layer,
+    match_gene,
+)
+
+from ._heatmaps import Heatmaps
+from ._notify import notify_error
 from ._plots import ColorBar, colormap_rgba
-from ._session import PREFIX, get_session, notify_error, owned_layer, viewport_bbox_px
+from ._session import get_session
+from ._viewer import owned_layer
 
 logger = logging.getLogger(__name__)
 
-MODES = {
-    "normalised": "normalised  log1p(1e4·gene/total)",
-    "absolute": "absolute (expected counts)",
-}
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue", "gray")
-
-
-def gene_layer_name(gene: str) -> str:
-    """Name of the heatmap layer of ``gene``."""
-    return f"{PREFIX}{gene}"
-
-
-def is_gene_layer(layer) -> bool:
-    """Whether ``layer`` is a heatmap made by this dock."""
-    return (layer.metadata.get("stmap") or {}).get("kind") == "gene"
-
-
-def gene_layer_view(session, pred, gene: str, mode: str, on_update=None):
-    """A live multiscale view of ``gene`` and its placement (µm) for an image layer.
-
-    ``scale`` is the output pixel in µm and ``translate`` the centre of output pixel (0, 0)
-    in µm (from the store's :class:`~napari_stmap.core.geometry.MapGrid`), so each value sits
-    over the slide area it describes.
-    """
-    from napari_stmap.core.predict import LiveGeneView, view_grid
-
-    grid = view_grid(pred.store, 0)
-    view = LiveGeneView(
-        pred,
-        gene,
-        mode,
-        worker=session.view_worker(),
-        on_update=on_update,
-        mask=pred.display_mask(),  # computed when the predictor was built (worker)
-    )
-    mpp = session.mpp
-    place = {
-        "scale": (grid.pixel_px * mpp,) * 2,
-        "translate": tuple(v * mpp for v in grid.translate_yx),
-    }
-    return view, place
-
-
-def bins_layer_data(session, gene: str, mode: str) -> tuple[np.ndarray, dict]:
-    """Raster (H, W) of ``gene`` from the session's bin prediction and its placement (µm).
-
-    Without a prediction yet: one NaN pixel of the model's bin size at the origin.
-    """
-    from napari_stmap.core.predict import model_bin_um
-
-    mpp, pred = session.mpp, session.bins
-    if pred is None:
-        b = model_bin_um(session.model_meta)
-        return np.full((1, 1), np.nan, np.float32), {"scale": (b, b), "translate": (b / 2,) * 2}
-    raster, grid = pred.gene_raster(gene, mode)
-    place = {
-        "scale": (grid.pixel_px * mpp,) * 2,
-        "translate": tuple(v * mpp for v in grid.translate_yx),
-    }
-    return raster, place
-
-
-def is_bins_layer(layer) -> bool:
-    """Whether ``layer`` is a heatmap of a bin model (a plain raster, not a live view)."""
-    return bool((layer.metadata.get("stmap") or {}).get("bins"))
-
-
-def raster_contrast(data) -> tuple[float, float] | None:
-    """1st–99.5th percentile of the finite values of a raster."""
-    arr = np.asarray(data)
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
-        return None
-    lo, hi = np.percentile(finite, [1, 99.5])
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
-def refresh_live_layer(layer, arrays) -> None:
-    """Read ``layer`` (a live heatmap over the pyramid ``arrays``) again, coarsest level included.
-
-    napari (0.9) keeps the coarsest level of a 2-D multiscale layer, read once per data object,
-    for the thumbnail and for the view when zoomed out that far. Setting the data again (the
-    same lazy arrays; public API) drops that copy, so both show the blocks computed since.
-    """
-    layer.data = arrays
-
-
-def contrast_from_view(view) -> tuple[float, float] | None:
-    """1st–99.5th percentile of what is predicted so far (coarsest level; worker thread)."""
-    arr = view.level_data(-1)
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
-        return None
-    lo, hi = np.percentile(finite, [1, 99.5])
-    return float(lo), float(max(hi, lo + 1e-6))
 
 
 class GenesWidget(QWidget):
@@ -155,12 +61,14 @@ class GenesWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer, self)
         self.mode = "normalised"
-        self._contrast_workers: dict[str, object] = {}
-        self.views: dict[str, object] = {}  # layer name -> LiveGeneView
-        self._stale: dict[str, float] = {}  # layer -> since when it has blocks not shown
-        self._last_refresh: dict[str, float] = {}
-        self.refreshes = 0  # layer refreshes so far (tests, benchmarks)
         self._build()
+        self.heatmaps = Heatmaps(
+            self.viewer, self.session, self._style, self._wake, self.REFRESH_MS
+        )
+        self._contrast_workers = self.heatmaps.contrast_workers  # layer name -> worker
+        self.views = self.heatmaps.views  # layer name -> LiveGeneView
+        self._stale = self.heatmaps.pacer.stale  # layer -> since when it has blocks not shown
+        self._last_refresh = self.heatmaps.pacer.last
         self._timer = QTimer(self)
         self._timer.setInterval(self.POLL_MS)
         self._timer.timeout.connect(self._on_refresh_timer)
@@ -174,6 +82,11 @@ class GenesWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
         self._on_session_changed("model")
         self._sync_list()
+
+    @property
+    def refreshes(self) -> int:
+        """Layer refreshes so far (tests, benchmarks)."""
+        return self.heatmaps.refreshes
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)
@@ -192,9 +105,8 @@ class GenesWidget(QWidget):
             "Show this gene in the heatmap selected below instead of adding a layer"
         )
         self.switch_btn.clicked.connect(self._on_switch_clicked)
-        row.addWidget(self.search)
-        row.addWidget(self.add_btn)
-        row.addWidget(self.switch_btn)
+        for w in (self.search, self.add_btn, self.switch_btn):
+            row.addWidget(w)
         lay.addLayout(row)
         self.layer_list = QListWidget()
         self.layer_list.setMaximumHeight(110)
@@ -226,10 +138,13 @@ class GenesWidget(QWidget):
         lay.addWidget(self.colorbar)
         lay.addStretch(1)
 
+    def _style(self) -> tuple[str, float]:
+        return self.cmap_combo.currentText(), self.opacity.value() / 100
+
     # --- helpers ---------------------------------------------------------------------------
     def gene_layers(self) -> list:
         """The heatmap layers of this viewer, in layer order."""
-        return [layer for layer in self.viewer.layers if is_gene_layer(layer)]
+        return self.heatmaps.layers()
 
     def current_layer(self):
         """The heatmap selected in the list (or the last one)."""
@@ -251,6 +166,14 @@ class GenesWidget(QWidget):
         self.layer_list.blockSignals(False)
         self._draw_colorbar()
 
+    def _shown(self, layer) -> None:
+        """``layer`` was added or updated: list it, select it, set its contrast."""
+        self._sync_list()
+        items = self.layer_list.findItems(layer.name, Qt.MatchFlag.MatchExactly)
+        if items:
+            self.layer_list.setCurrentItem(items[0])
+        self.auto_contrast(layer)
+
     # --- adding / removing -----------------------------------------------------------------
     def _on_add_clicked(self) -> None:
         self.add_gene(self.search.text().strip())
@@ -260,26 +183,16 @@ class GenesWidget(QWidget):
 
     def match_gene(self, gene: str) -> str | None:
         """The model's spelling of ``gene`` (any case), else None (with a notification)."""
-        genes = self.session.model_genes
-        if not genes:
-            notify_error("open a model in the 'Slide & data' dock first", "genes")
-            return None
-        match = {g.lower(): g for g in genes}.get(gene.lower())
-        if match is None:
-            close = [g for g in genes if gene.lower() in g.lower()][:5]
-            hint = (
-                f"; did you mean {', '.join(close)}?"
-                if close
-                else "; type to see the model's genes"
-            )
-            notify_error(f"{gene!r} is not one of the model's {len(genes)} genes{hint}", "genes")
+        match, problem = match_gene(gene, self.session.model_genes)
+        if problem is not None:
+            notify_error(problem, "genes")
         return match
 
     def add_gene(self, gene: str) -> None:
         """Add (or select) the heatmap of ``gene``; predicts nothing by itself."""
         match = self.match_gene(gene)
         if match is not None and self.session.is_bins:
-            self._add_bins_layer(match)
+            self._shown(self.heatmaps.show_raster(match, self.mode))
         elif match is not None:
             self.session.with_predictor(lambda pred: self._add_layer(pred, match))
 
@@ -298,103 +211,23 @@ class GenesWidget(QWidget):
             return
         name = layer.name
         if self.session.is_bins:
-            self._add_bins_layer(match, replace=name)
+            self._shown(self.heatmaps.show_raster(match, self.mode, replace=name))
             return
-        self.session.with_predictor(lambda pred: self._switch_layer(pred, name, match))
+        self.session.with_predictor(
+            lambda pred: self._shown(self.heatmaps.switch_live(pred, name, match, self.mode))
+        )
 
-    def _add_bins_layer(self, gene: str, replace: str | None = None) -> None:
-        """Add or update the raster heatmap of ``gene`` (bin model); ``replace``: reuse a layer."""
-        name = gene_layer_name(gene)
-        data, place = bins_layer_data(self.session, gene, self.mode)
-        layer = owned_layer(self.viewer, replace or name)
-        if layer is not None and not is_bins_layer(layer):  # a dense model's live view
-            self.viewer.layers.remove(layer)
-            layer = None
-        if layer is not None:
-            layer.metadata["stmap"].update(gene=gene, mode=self.mode, auto_contrast=False)
-            layer.name = name
-            layer.data = data
-            layer.scale, layer.translate = place["scale"], place["translate"]
-        else:
-            layer = self.viewer.add_image(
-                data,
-                name=name,
-                colormap=self.cmap_combo.currentText(),
-                opacity=self.opacity.value() / 100,
-                blending="translucent",
-                contrast_limits=(0.0, 1.0),
-                units=self.session.units,
-                metadata={"stmap": {"kind": "gene", "gene": gene, "mode": self.mode, "bins": True}},
-                **place,
-            )
-        self._sync_list()
-        items = self.layer_list.findItems(name, Qt.MatchFlag.MatchExactly)
-        if items:
-            self.layer_list.setCurrentItem(items[0])
-        self.auto_contrast(layer)
+    def _add_layer(self, pred, gene: str) -> None:
+        self._shown(self.heatmaps.show_live(pred, gene, self.mode))
+
+    def _redraw_all(self) -> None:
+        """Rebuild every heatmap for the current mode, model and prediction (no network run)."""
+        self.heatmaps.redraw(self.mode, self._shown)
 
     def _on_bins_changed(self) -> None:
         """A new bin prediction: update the raster heatmaps in place (no network run)."""
-        if not self.session.is_bins:
-            return
-        for layer in self.gene_layers():
-            if is_bins_layer(layer):
-                self._add_bins_layer(layer.metadata["stmap"]["gene"], replace=layer.name)
-
-    def _switch_layer(self, pred, name: str, gene: str) -> None:
-        layer, new = owned_layer(self.viewer, name), gene_layer_name(gene)
-        if layer is None or owned_layer(self.viewer, new) is not None:
-            self._add_layer(pred, gene)
-            return
-        view, _ = gene_layer_view(self.session, pred, gene, self.mode, self._wake)
-        old = self.views.pop(name, None)
-        if old is not None:
-            old.close()
-        self._stale.pop(name, None)
-        self._last_refresh.pop(name, None)
-        self.views[new] = view
-        layer.metadata["stmap"].update(gene=gene, mode=self.mode, auto_contrast=False)
-        layer.name = new
-        layer.data = view.arrays
-        self._sync_list()
-        items = self.layer_list.findItems(new, Qt.MatchFlag.MatchExactly)
-        if items:
-            self.layer_list.setCurrentItem(items[0])
-        self.auto_contrast(layer)
-
-    def _add_layer(self, pred, gene: str) -> None:
-        name = gene_layer_name(gene)
-        view, place = gene_layer_view(self.session, pred, gene, self.mode, self._wake)
-        old = self.views.pop(name, None)
-        if old is not None:
-            old.close()
-        self.views[name] = view
-        layer = owned_layer(self.viewer, name)
-        if layer is not None and is_bins_layer(layer):  # a bin model's raster: rebuild
-            self.viewer.layers.remove(layer)
-            layer = None
-        if layer is not None:  # update in place, never duplicate
-            layer.metadata["stmap"]["mode"] = self.mode
-            layer.data = view.arrays
-        else:
-            layer = self.viewer.add_image(
-                view.arrays,
-                name=name,
-                multiscale=True,
-                colormap=self.cmap_combo.currentText(),
-                opacity=self.opacity.value() / 100,
-                blending="translucent",
-                contrast_limits=(0.0, 1.0),
-                cache=False,
-                units=self.session.units,
-                metadata={"stmap": {"kind": "gene", "gene": gene, "mode": self.mode}},
-                **place,
-            )
-        self._sync_list()
-        items = self.layer_list.findItems(name, Qt.MatchFlag.MatchExactly)
-        if items:
-            self.layer_list.setCurrentItem(items[0])
-        self.auto_contrast(layer)
+        if self.session.is_bins:
+            self._redraw_all()
 
     def _on_remove_clicked(self) -> None:
         layer = self.current_layer()
@@ -402,10 +235,7 @@ class GenesWidget(QWidget):
             self.viewer.layers.remove(layer)
 
     def _on_layer_removed(self, event=None) -> None:
-        present = {layer.name for layer in self.gene_layers()}
-        for name in [n for n in self.views if n not in present]:
-            self.views.pop(name).close()
-            self._stale.pop(name, None)
+        self.heatmaps.drop_missing()
         self._sync_list()
 
     def _on_layers_inserted(self, event=None) -> None:
@@ -421,16 +251,7 @@ class GenesWidget(QWidget):
         """Show every heatmap as ``"normalised"`` or ``"absolute"`` values (no network run)."""
         self.mode = mode
         self.mode_combo.setCurrentIndex(list(MODES).index(mode))
-        if self.session.is_bins:
-            for layer in self.gene_layers():
-                if is_bins_layer(layer):
-                    self._add_bins_layer(layer.metadata["stmap"]["gene"], replace=layer.name)
-            return
-        pred = self.session.predictor
-        if pred is None:
-            return
-        for layer in self.gene_layers():
-            self._add_layer(pred, layer.metadata["stmap"]["gene"])
+        self._redraw_all()
 
     def _on_cmap_activated(self, index: int) -> None:
         layer = self.current_layer()
@@ -460,62 +281,18 @@ class GenesWidget(QWidget):
 
     def auto_contrast(self, layer) -> None:
         """Set ``layer``'s contrast limits from the values predicted so far (worker)."""
-        name = layer.name
-        if is_bins_layer(layer):  # a small in-memory raster: no worker needed
-            limits = raster_contrast(layer.data)
-            if limits is not None:
-                layer.contrast_limits_range = limits
-                layer.contrast_limits = limits
-                layer.metadata["stmap"]["auto_contrast"] = True
-            self._draw_colorbar()
-            return
-        view = self.views.get(name)
-        if name in self._contrast_workers or view is None:
-            return
-
-        def done(limits) -> None:
-            target = owned_layer(self.viewer, name)
-            if limits is not None and target is not None and self.views.get(name) is view:
-                target.contrast_limits_range = limits
-                target.contrast_limits = limits
-                target.metadata["stmap"]["auto_contrast"] = True
-                self._draw_colorbar()
-
-        self._contrast_workers[name] = self.session.run(
-            contrast_from_view,
-            view,
-            on_done=done,
-            on_finally=lambda: self._contrast_workers.pop(name, None),
-            what="contrast",
-        )
+        self.heatmaps.auto_contrast(layer, self._draw_colorbar)
 
     def visible_tiles(self, tiles) -> list:
         """The ``tiles`` that lie (partly) in the view."""
-        s, pred = self.session, self.session.predictor
-        if pred is None or s.slide is None:
-            return []
-        box = viewport_bbox_px(self.viewer, s.mpp, s.slide.shape_yx)
-        shown = set(pred.spec.tiles_in_bbox(box)) if box is not None else set()
-        return [t for t in map(tuple, tiles) if t in shown]
+        return self.heatmaps.visible_tiles(tiles)
 
     def _on_tiles_done(self, tiles) -> None:
-        """Tiles were predicted: recompute their blocks in the layers that show them (worker).
-
-        Tiles out of view cost nothing now; thumbnails catch up when prediction stops.
-        """
-        hits = self.visible_tiles(tiles)
-        for layer in self.gene_layers():
-            view = self.views.get(layer.name)
-            if view is not None and hits and layer.visible:
-                view.tiles_done(hits)
-            if not layer.metadata["stmap"].get("auto_contrast"):
-                self.auto_contrast(layer)
+        self.heatmaps.tiles_done(tiles, self.auto_contrast)
 
     def _on_session_busy(self, busy: bool) -> None:
         if not busy:  # prediction stopped: show what finished out of view (thumbnails)
-            now = time.monotonic()
-            for name in self.views:
-                self._stale.setdefault(name, now)
+            self.heatmaps.mark_all()
 
     def _wake(self) -> None:
         """From the view worker's thread: blocks are ready (refresh without waiting a tick)."""
@@ -523,40 +300,14 @@ class GenesWidget(QWidget):
             self.blocks_ready.emit()
 
     def _on_refresh_timer(self) -> None:
-        """Refresh the layers whose blocks arrived, coalesced.
-
-        A layer is refreshed once the worker has finished its queued blocks (or after
-        ``REFRESH_MS`` of waiting for them), and at most once every ``REFRESH_MS``.
-        """
+        """Refresh the layers whose blocks arrived, coalesced (:meth:`~._heatmaps.Heatmaps.refresh`)."""
         if self.session.closed:
             self._timer.stop()
             return
-        now = time.monotonic()
-        for name, view in list(self.views.items()):
-            if view.error is not None:
-                exc, view.error = view.error, None
-                notify_error(exc, f"drawing {name}")
-            if view.take_updated():
-                self._stale.setdefault(name, now)
-            since = self._stale.get(name)
-            if since is None:
-                continue
-            waited = (now - since) * 1e3 >= self.REFRESH_MS
-            if not waited and view.worker.pending_for(view):
-                continue
-            if (now - self._last_refresh.get(name, -1e9)) * 1e3 < self.REFRESH_MS:
-                continue
-            del self._stale[name]
-            layer = owned_layer(self.viewer, name)
-            if layer is not None:
-                self._last_refresh[name] = now
-                self.refreshes += 1
-                refresh_live_layer(layer, view.arrays)
+        self.heatmaps.refresh()
 
     def _on_session_changed(self, what: str) -> None:
         if what == "model":
-            from qtpy.QtCore import QStringListModel
-
             self.completer.setModel(QStringListModel(self.session.model_genes, self.completer))
         if what == "predictor" and self.session.predictor is not None:
             for layer in self.gene_layers():  # the store object changed: rebuild the views
@@ -567,11 +318,6 @@ class GenesWidget(QWidget):
         if layer is None:
             self.colorbar.clear_bar()
             return
-        mode = layer.metadata["stmap"]["mode"]
-        gene = layer.metadata["stmap"]["gene"]
-        if mode == "normalised":
-            unit = f"{gene}: log1p(10⁴ · {gene} / total) per pixel"
-        else:
-            px = float(layer.scale[-1])
-            unit = f"{gene}: expected counts per {px:.3g}×{px:.3g} µm pixel"
-        self.colorbar.set_bar(colormap_rgba(layer.colormap), layer.contrast_limits, unit)
+        meta = layer.metadata["stmap"]
+        label = colorbar_label(meta["gene"], meta["mode"], float(layer.scale[-1]))
+        self.colorbar.set_bar(colormap_rgba(layer.colormap), layer.contrast_limits, label)

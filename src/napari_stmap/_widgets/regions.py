@@ -1,26 +1,17 @@
 """Dock "Regions": drawn shapes and spot grids -> predicted expression table, bar chart, export.
 
-Shapes are drawn in the Shapes layer ``stmap: regions``; every Shapes layer whose
-``metadata["stmap"]["kind"]`` is ``"regions"`` counts too (GeoJSON opened through the reader,
-e.g. QuPath annotations). Their data are level-0 px (the layer's scale is µm/px). Shapes that
-share a ``feature`` property are one region and ``hole`` shapes subtract
-(:func:`~napari_stmap.core.regions.regions_from_shapes`); rows are named by the feature's
-``name``, else its class and a count, else ``region k``. Values follow the additive rule: the
-dense map from :func:`~napari_stmap.core.engine.ensure_region` summed over each footprint with
-exact pixel fractions (:func:`~napari_stmap.core.aggregate.aggregate`), holes subtracted;
-normalised expression is ``log1p(1e4 · gene / total)`` after summing
-(:func:`~napari_stmap.core.aggregate.normalize_expression`).
-
-With a bin model (MagNet) the sums come from the session's bin prediction
-(:meth:`~napari_stmap.core.bins.BinPrediction.region_sums`: each bin adds the fraction of its
-area inside the shape); a region reaching bins not predicted yet is NaN (predict that area in
-the Predict dock first).
+Regions come from every regions Shapes layer (drawn here or opened GeoJSON, e.g. QuPath
+annotations; shapes sharing a ``feature`` are one region, ``hole`` shapes subtract) and the
+spot grid (:mod:`._region_layers`). Their values follow the additive rule
+(:func:`~napari_stmap.core.regions.compute_regions`: the predictor's dense map summed over each
+footprint; with a bin model, :func:`~napari_stmap.core.regions.compute_regions_bins` over the
+session's bin prediction, NaN where a region reaches bins not predicted yet). The table is
+computed in a worker; export writes AnnData or CSV (:mod:`napari_stmap.core.export`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,116 +19,39 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QMessageBox,
     QPushButton,
     QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from ._plots import make_canvas, style_axes
-from ._session import (
-    ANNOTATION_KINDS,
-    PREFIX,
-    get_session,
-    notify_error,
-    notify_info,
-    owned_layer,
-    stmap_kind,
-    viewport_bbox_px,
+from napari_stmap.core.export import write_regions
+from napari_stmap.core.geometry import spot_grid
+from napari_stmap.core.regions import (
+    RegionTable,
+    build_export,
+    compute_regions,
+    compute_regions_bins,
 )
 
+from ._dialogs import ask_save_path
+from ._notify import notify_error, notify_info
+from ._plots import clear_plot, draw_top_bars, make_canvas
+from ._region_layers import (
+    layer_regions,
+    regions_layer,
+    regions_layers,
+    selected_footprint,
+    show_spot_grid,
+)
+from ._session import get_session
+from ._tables import fill_table, selected_row
+from ._viewer import ANNOTATION_KINDS, stmap_kind, viewport_bbox_px
+
 logger = logging.getLogger(__name__)
-
-REGIONS_LAYER = f"{PREFIX}regions"
-GRID_LAYER = f"{PREFIX}spot grid"
-REGION_TIMEOUT_S = 600.0
-
-
-def shape_footprint(kind: str, vertices_yx: np.ndarray):
-    """Footprint (level-0 px) of one napari shape, or None for lines and paths.
-
-    See :func:`napari_stmap.core.regions.shape_footprint`.
-    """
-    from napari_stmap.core.regions import shape_footprint as footprint
-
-    return footprint(kind, vertices_yx)
-
-
-@dataclass
-class RegionTable:
-    """Predicted values of regions: names, footprints, (n, G + 1) counts, areas µm²."""
-
-    names: list[str]
-    kinds: list[str]
-    centers_yx: np.ndarray
-    counts: np.ndarray
-    area_um2: np.ndarray
-    genes: list[str]
-
-    @property
-    def total(self) -> np.ndarray:
-        """(n,) predicted all-transcript totals."""
-        return self.counts[:, -1]
-
-    def normalised(self) -> np.ndarray:
-        """(n, G) ``log1p(1e4 · gene / total)`` after summing."""
-        from napari_stmap.core.metrics import normalize_expression
-
-        return normalize_expression(self.counts[:, :-1], self.total)
-
-
-def compute_regions(source, regions: list, mpp: float) -> RegionTable:
-    """Predict what the regions need (blocking) and sum the map over each one (holes subtract)."""
-    from napari_stmap.core.aggregate import aggregate
-    from napari_stmap.core.predict import ensure_region
-    from napari_stmap.core.regions import combine_parts, region_parts
-
-    fps, signs, groups = region_parts(regions)
-    boxes = np.array([f.bbox_yx() for f in fps], dtype=float)
-    bbox = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
-    dense, grid = ensure_region(source, bbox, timeout=REGION_TIMEOUT_S)
-    counts = combine_parts(aggregate(dense, grid, fps), signs, groups, len(regions))
-    return _region_table(regions, counts, list(source.output_names[:-1]), mpp)
-
-
-def compute_regions_bins(bins, regions: list, mpp: float) -> RegionTable:
-    """Sum a bin prediction over each region (fractional bin coverage; no network run)."""
-    from napari_stmap.core.regions import combine_parts, region_parts
-
-    fps, signs, groups = region_parts(regions)
-    counts = combine_parts(bins.region_sums(fps), signs, groups, len(regions))
-    return _region_table(regions, counts, list(bins.genes), mpp)
-
-
-def _region_table(regions: list, counts: np.ndarray, genes: list[str], mpp: float) -> RegionTable:
-    """The table of ``regions`` (:class:`~napari_stmap.core.geometry.Region`, level-0 px)."""
-    centers = np.array([r.center_yx for r in regions], dtype=float).reshape(-1, 2)
-    area = np.array([r.area_px for r in regions], dtype=float) * mpp**2
-    names, kinds = [r.name for r in regions], [r.kind for r in regions]
-    return RegionTable(names, kinds, centers, counts, area, genes)
-
-
-def build_export(table: RegionTable, mpp: float, slide_path: str):
-    """AnnData of the regions (core/export.py conventions)."""
-    from napari_stmap.core.export import build_anndata
-
-    return build_anndata(
-        table.counts[:, :-1],
-        table.total,
-        table.genes,
-        table.centers_yx,
-        mpp=mpp,
-        area_um2=table.area_um2,
-        footprint=table.kinds,
-        names=table.names,
-        uns_meta={"slide": slide_path},
-    )
 
 
 class RegionsWidget(QWidget):
@@ -212,27 +126,12 @@ class RegionsWidget(QWidget):
     # --- layers ----------------------------------------------------------------------------
     def regions_layer(self, create: bool = True):
         """The ``stmap: regions`` Shapes layer (data in level-0 px), created on demand."""
-        layer = owned_layer(self.viewer, REGIONS_LAYER)
-        if layer is None and create:
-            mpp = self.session.mpp
-            layer = self.viewer.add_shapes(
-                name=REGIONS_LAYER,
-                scale=(mpp, mpp),
-                edge_color="#00e5ff",
-                face_color="transparent",
-                edge_width=3 / max(mpp, 1e-9) * 0.5,
-                units=self.session.units,
-                metadata={"stmap": {"kind": "regions", "units": "px"}},
-            )
-        return layer
+        s = self.session
+        return regions_layer(self.viewer, s.mpp, s.units, create=create)
 
     def regions_layers(self) -> list:
         """Shapes layers of regions (data level-0 px): drawn here and opened GeoJSON."""
-        return [
-            ly
-            for ly in self.viewer.layers
-            if stmap_kind(ly) == "regions" and hasattr(ly, "shape_type")
-        ]
+        return regions_layers(self.viewer)
 
     def _watch(self, layer) -> None:
         if stmap_kind(layer) in ANNOTATION_KINDS:
@@ -267,18 +166,12 @@ class RegionsWidget(QWidget):
 
     def make_spot_grid(self) -> int:
         """Spots of the chosen size/pitch inside the selected region (else the view)."""
-        from napari_stmap.core.geometry import spot_grid
-
         s = self.session
         if s.slide is None:
             notify_error("load a slide in the 'Slide & data' dock first", "spot grid")
             return 0
         mpp = s.mpp
-        region = None
-        layer = self._selection_layer()
-        if layer is not None and layer.nshapes:
-            idx = sorted(layer.selected_data) or [layer.nshapes - 1]
-            region = shape_footprint(layer.shape_type[idx[0]], layer.data[idx[0]])
+        region = selected_footprint(self.viewer)
         if region is None:
             region = viewport_bbox_px(self.viewer, mpp, s.slide.shape_yx)
         if region is None:
@@ -297,32 +190,10 @@ class RegionsWidget(QWidget):
                 "spot grid",
             )
             return 0
-        meta = {"stmap": {"kind": "spot grid", "size_px": size, "footprint": kind}}
-        grid = owned_layer(self.viewer, GRID_LAYER)
-        if grid is not None:
-            self.viewer.layers.remove(grid)
-        self.viewer.add_points(
-            centers,
-            name=GRID_LAYER,
-            size=size,
-            symbol="disc" if kind == "disk" else "square",
-            scale=(mpp, mpp),
-            face_color="transparent",
-            border_color="#ffd54f",
-            border_width=0.08,
-            units=s.units,
-            metadata=meta,
-        )
+        show_spot_grid(self.viewer, centers, size, kind, mpp, s.units)
         notify_info(f"{len(centers)} {kind} spots of {self.grid_size.value():g} µm")
         self._debounce.start()
         return len(centers)
-
-    def _selection_layer(self):
-        """The active regions layer, else ``stmap: regions`` (None when there is none)."""
-        active = self.viewer.layers.selection.active
-        if active is not None and any(active is ly for ly in self.regions_layers()):
-            return active
-        return self.regions_layer(create=False)
 
     # --- computation -----------------------------------------------------------------------
     def regions(self) -> list:
@@ -330,22 +201,7 @@ class RegionsWidget(QWidget):
 
         Each is a :class:`~napari_stmap.core.geometry.Region`; names are made unique.
         """
-        from napari_stmap.core.geometry import Region, disks, squares
-        from napari_stmap.core.io.regions import unique_names
-        from napari_stmap.core.regions import regions_from_shapes
-
-        out = []
-        for layer in self.regions_layers():
-            out += regions_from_shapes(layer.shape_type, layer.data, layer.features)
-        grid = owned_layer(self.viewer, GRID_LAYER)
-        if grid is not None and len(grid.data):
-            meta = grid.metadata["stmap"]
-            build = disks if meta["footprint"] == "disk" else squares
-            spots = build(np.asarray(grid.data)[:, -2:], meta["size_px"])
-            out += [Region(f"spot {k + 1}", [(fp, 1.0)]) for k, fp in enumerate(spots)]
-        for region, name in zip(out, unique_names([r.name for r in out]), strict=True):
-            region.name = name
-        return out
+        return layer_regions(self.viewer)
 
     def recompute(self):
         """Recompute the table in a worker (a second call while running queues one more)."""
@@ -410,70 +266,46 @@ class RegionsWidget(QWidget):
 
     def _fill_table(self) -> None:
         t = self.table_data
-        self.table.clear()
         if t is None:
-            self.table.setRowCount(0)
-            self.table.setColumnCount(0)
+            fill_table(self.table, [], [])
             self._draw_bars(None)
             return
-        values = (
-            t.normalised() if self.values_combo.currentText() == "normalised" else t.counts[:, :-1]
-        )
-        headers = ["area µm²", "total counts", *t.genes]
+        normalised = self.values_combo.currentText() == "normalised"
+        values = t.normalised() if normalised else t.counts[:, :-1]
         n = min(len(t.names), self.MAX_ROWS)
-        self.table.setColumnCount(len(headers))
-        self.table.setRowCount(n)
-        self.table.setHorizontalHeaderLabels(headers)
-        self.table.setVerticalHeaderLabels(t.names[:n])
-        for i in range(n):
-            row = [t.area_um2[i], t.total[i], *values[i]]
-            for j, v in enumerate(row):
-                self.table.setItem(i, j, QTableWidgetItem(f"{v:.4g}"))
+        rows = [[t.area_um2[i], t.total[i], *values[i]] for i in range(n)]
+        fill_table(self.table, ["area µm²", "total counts", *t.genes], rows, t.names[:n])
         if n:
             self.table.selectRow(0)
 
     def _on_table_selection_changed(self) -> None:
-        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
-        self._draw_bars(rows[0].row() if rows else None)
+        self._draw_bars(selected_row(self.table))
 
     def _draw_bars(self, row: int | None, top: int = 10) -> None:
-        self.figure.clear()
         t = self.table_data
         if t is None or row is None or row >= len(t.names):
-            self.canvas.draw_idle()
+            clear_plot(self.canvas, self.figure)
             return
-        values = t.normalised()[row]
-        order = np.argsort(np.nan_to_num(values, nan=-np.inf))[::-1][:top]
-        ax = self.figure.add_subplot(111)
-        ax.barh([t.genes[k] for k in order][::-1], values[order][::-1], color="#4fc3f7")
-        ax.set_xlabel("log1p(10⁴ · gene / total)", fontsize=8)
-        ax.set_title(f"top genes of {t.names[row]}", fontsize=9)
-        style_axes(ax)
-        self.canvas.draw_idle()
+        draw_top_bars(
+            self.canvas,
+            self.figure,
+            t.genes,
+            t.normalised()[row],
+            title=f"top genes of {t.names[row]}",
+            xlabel="log1p(10⁴ · gene / total)",
+            top=top,
+        )
 
     # --- export ----------------------------------------------------------------------------
     def _on_export_clicked(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self,
-            "Export regions",
-            "regions.h5ad",
-            "AnnData (*.h5ad);;CSV (*.csv)",
-            options=QFileDialog.Option.DontConfirmOverwrite,
+        path, overwrite = ask_save_path(
+            self, "Export regions", "regions.h5ad", "AnnData (*.h5ad);;CSV (*.csv)"
         )
-        if not path:
-            return
-        overwrite = False
-        if Path(path).exists():
-            answer = QMessageBox.question(self, "Replace file?", f"{path} exists. Replace it?")
-            if answer != QMessageBox.StandardButton.Yes:
-                return
-            overwrite = True
-        self.export(path, overwrite=overwrite)
+        if path:
+            self.export(path, overwrite=overwrite)
 
     def export(self, path: str | Path, *, overwrite: bool = False) -> Path | None:
         """Write the current table to ``.h5ad`` or ``.csv`` (core/export.py)."""
-        from napari_stmap.core.export import write_regions
-
         if self.table_data is None:
             notify_error("nothing to export: draw regions or make a spot grid first", "export")
             return None

@@ -11,11 +11,9 @@ import logging
 import warnings
 from pathlib import Path
 
-from napari.layers import Image
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -25,7 +23,22 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._session import PREFIX, get_session, notify_error, notify_warning, owned_layer
+from napari_stmap.core.display import (
+    inputs_summary,
+    model_kind_warning,
+    opened_spots_source,
+    shared_genes,
+    stmap_meta,
+)
+from napari_stmap.core.io.slide import open_slide
+from napari_stmap.core.io.spots import available_bin_sizes, detect_spots_layout, read_spots
+from napari_stmap.core.model import read_model_metadata
+
+from .._layers import spots_layer
+from ._dialogs import ask_open_path
+from ._notify import notify_error, notify_warning
+from ._session import get_session
+from ._viewer import PREFIX, owned_layer, replace_layer, show_slide, slide_layers
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +46,11 @@ MEASURED_LAYER = f"{PREFIX}measured total counts"
 
 
 def _read_slide(path: str):
-    from napari_stmap.core.io.slide import open_slide
-
     return open_slide(path)
 
 
 def _read_spots(path: str, bin_um: float | None, slide):
     """Read spots and check them against the slide; returns (spots, warning texts)."""
-    from napari_stmap.core.io.spots import read_spots
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spots = read_spots(path, bin_um=bin_um)
@@ -51,8 +60,6 @@ def _read_spots(path: str, bin_um: float | None, slide):
 
 
 def _bin_sizes(path: str) -> list[float]:
-    from napari_stmap.core.io.spots import available_bin_sizes, detect_spots_layout
-
     return available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
 
 
@@ -128,12 +135,7 @@ class SlideDataWidget(QWidget):
 
     # --- slide -----------------------------------------------------------------------------
     def _slide_layers(self) -> list:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and (layer.metadata.get("stmap") or {}).get("kind") == "slide"
-        ]
+        return slide_layers(self.viewer)
 
     def _on_layers_changed(self, event=None) -> None:
         names = [layer.name for layer in self._slide_layers()]
@@ -153,12 +155,9 @@ class SlideDataWidget(QWidget):
         if self.session.spots is not None or self._reading_spots:
             return
         for layer in self.viewer.layers:
-            meta = layer.metadata.get("stmap") or {}
-            if meta.get("kind") == "spots" and meta.get("source") and layer.name != MEASURED_LAYER:
-                source = Path(meta["source"])
-                if source.parent.name == "binned_outputs":  # Visium HD: every bin size
-                    source = source.parent.parent
-                self.load_spots(source, bin_um=meta.get("bin_um"), show=False)
+            source = opened_spots_source(stmap_meta(layer))
+            if source is not None and layer.name != MEASURED_LAYER:
+                self.load_spots(source, bin_um=stmap_meta(layer).get("bin_um"), show=False)
                 return
 
     def _on_slide_combo_activated(self, index: int) -> None:
@@ -167,7 +166,7 @@ class SlideDataWidget(QWidget):
     def use_slide_layer(self, name: str):
         """Use the slide behind the image layer ``name`` (opened in a worker)."""
         layer = owned_layer(self.viewer, name)
-        meta = (layer.metadata.get("stmap") or {}) if layer is not None else {}
+        meta = stmap_meta(layer)
         if not meta.get("path"):
             notify_error(
                 f"layer {name!r} has no napari-stmap slide metadata; open the slide with 'Open slide…'"
@@ -176,9 +175,8 @@ class SlideDataWidget(QWidget):
         return self._open_slide(meta["path"], layer_name=name)
 
     def _on_open_slide_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Open H&E slide", "", "Slides (*.svs *.tif *.tiff *.ome.tif *.jpg *.png)"
-        )
+        filters = "Slides (*.svs *.tif *.tiff *.ome.tif *.jpg *.png)"
+        path = ask_open_path(self, "Open H&E slide", filters)
         if path:
             self.load_slide(path)
 
@@ -192,22 +190,11 @@ class SlideDataWidget(QWidget):
         def done(slide) -> None:
             name = layer_name
             if name is None:
-                from .._layers import show_scale_bar, slide_layer
-
-                data, kwargs, _ = slide_layer(slide)
-                existing = [
-                    ly
-                    for ly in self._slide_layers()
-                    if ly.metadata["stmap"]["path"] == str(slide.path)
-                ]
                 self._adding_slide_layer = True  # this slide is set below: do not open it twice
                 try:
-                    name = (
-                        existing[0].name if existing else self.viewer.add_image(data, **kwargs).name
-                    )
+                    name = show_slide(self.viewer, slide)
                 finally:
                     self._adding_slide_layer = False
-                show_scale_bar(self.viewer)
             if slide.mpp_source == "fallback":
                 notify_warning(
                     f"{Path(path).name}: µm/px is unknown; the world is in pixels and spot sizes "
@@ -225,12 +212,12 @@ class SlideDataWidget(QWidget):
 
     # --- measured data ---------------------------------------------------------------------
     def _on_open_outs_clicked(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Space Ranger outs / binned_outputs folder")
+        path = ask_open_path(self, "Space Ranger outs / binned_outputs folder")
         if path:
             self.load_spots(path)
 
     def _on_open_h5ad_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Spatial AnnData", "", "AnnData (*.h5ad)")
+        path = ask_open_path(self, "Spatial AnnData", "AnnData (*.h5ad)")
         if path:
             self.load_spots(path)
 
@@ -284,38 +271,26 @@ class SlideDataWidget(QWidget):
         self._set_enabled(True)
 
     def _show_spots(self, spots) -> None:
-        from .._layers import spots_layer
-
         data, kwargs, kind = spots_layer(spots, name=MEASURED_LAYER)
         kwargs["visible"] = False
-        old = owned_layer(self.viewer, MEASURED_LAYER)
-        if old is not None:
-            self.viewer.layers.remove(old)
-        getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        replace_layer(self.viewer, kind, data, kwargs, old_name=MEASURED_LAYER)
 
     # --- model -----------------------------------------------------------------------------
     def _on_open_model_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "napari-stmap model", "", "Model (*.safetensors)"
-        )
+        path = ask_open_path(self, "napari-stmap model", "Model (*.safetensors)")
         if path:
             self.load_model(path)
 
     def load_model(self, path: str | Path) -> bool:
         """Use the model file ``path`` (only its JSON header is read here)."""
-        from napari_stmap.core.model import read_model_metadata
-
         try:
             meta = read_model_metadata(path)
         except Exception as exc:
             notify_error(exc, "opening the model")
             return False
-        kind = meta.get("input_kind", "dense")
-        if kind not in ("dense", "bins") and meta.get("arch") not in (None, "pixnet"):
-            notify_warning(
-                f"{Path(path).name} ({meta.get('arch')}) predicts one value per spot crop; the "
-                "viewer needs a dense model such as pixnet"
-            )
+        warning = model_kind_warning(meta, Path(path).name)
+        if warning is not None:
+            notify_warning(warning)
         self.session.set_model(path, meta)
         self._check_overlap()
         return True
@@ -324,8 +299,7 @@ class SlideDataWidget(QWidget):
         s = self.session
         if s.spots is None or not s.model_genes:
             return
-        shared = set(s.model_genes) & set(map(str, s.spots.genes))
-        if not shared:
+        if not shared_genes(s.model_genes, s.spots.genes):
             notify_warning(
                 "none of the model's genes is measured in the loaded data: check that the gene "
                 "names use the same convention (symbols vs Ensembl ids)"
@@ -334,35 +308,4 @@ class SlideDataWidget(QWidget):
     # --- summary ---------------------------------------------------------------------------
     def _on_session_changed(self, what: str) -> None:
         s = self.session
-        lines = []
-        if s.slide is not None:
-            h, w = s.slide.shape_yx
-            mpp = s.slide.mpp
-            src = " (unknown!)" if s.slide.mpp_source == "fallback" else ""
-            lines.append(
-                f"<b>Slide</b> {Path(s.slide.path).name}: {w}×{h} px, {mpp:.4g} µm/px{src}, "
-                f"{w * mpp / 1000:.2f}×{h * mpp / 1000:.2f} mm"
-            )
-        else:
-            lines.append("<b>Slide</b>: none — open one (File › Open or 'Open slide…')")
-        if s.spots is not None:
-            sp = s.spots
-            lines.append(
-                f"<b>Measured</b> {sp.library_id}: {sp.n_spots:,} {sp.footprint} "
-                f"{sp.bin_um:g} µm {'bins' if sp.footprint == 'square' else 'spots'}, "
-                f"{sp.n_genes:,} genes"
-            )
-        if s.model_path is not None:
-            m = s.model_meta
-            lines.append(
-                f"<b>Model</b> {s.model_path.name}: {m.get('arch', '?')}, {len(s.model_genes)} genes, "
-                f"{m.get('mpp', '?')} µm/px, stride {m.get('stride', '?')}"
-            )
-            if s.spots is not None:
-                shared = len(set(s.model_genes) & set(map(str, s.spots.genes)))
-                lines.append(
-                    f"<b>Overlap</b>: {shared} of {len(s.model_genes)} model genes are measured"
-                )
-        else:
-            lines.append("<b>Model</b>: none — open a .safetensors model ('stmap train' makes one)")
-        self.info.setText("<br>".join(lines))
+        self.info.setText("<br>".join(inputs_summary(s.slide, s.spots, s.model_path, s.model_meta)))

@@ -11,6 +11,9 @@ properties: ``feature`` (shapes with the same value >= 0 are parts of one annota
 missing: a region of its own) and ``hole`` (True: subtracted from the outer shape that holds it).
 Region values follow the additive rule: :func:`aggregate_store` sums a store's dense map over
 every part (:func:`region_parts`) and :func:`combine_parts` adds them up with their signs.
+A :class:`RegionTable` is what the Regions dock shows and exports: regions × genes of a
+predictor's map (:func:`compute_regions`) or of a bin model's prediction
+(:func:`compute_regions_bins`), as AnnData by :func:`build_export`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from .aggregate import aggregate
 from .errors import StmapInputError
+from .export import build_anndata
 from .geometry import (
     Disk,
     Ellipse,
@@ -30,23 +36,36 @@ from .geometry import (
     Rectangle,
     Region,
     Square,
+    disks,
     rectangle_from_corners,
+    squares,
     weight_matrix,
 )
-from .io.regions import Annotation, as_rgb, nest_holes, regions_from_annotations
+from .io.regions import Annotation, as_rgb, nest_holes, regions_from_annotations, unique_names
+from .metrics import normalize_expression
 from .predict import ensure_region
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "REGION_TIMEOUT_S",
+    "RegionTable",
     "aggregate_store",
     "annotations_from_shapes",
+    "build_export",
     "combine_parts",
+    "compute_regions",
+    "compute_regions_bins",
     "footprint_shape",
+    "make_names_unique",
     "region_parts",
     "regions_from_shapes",
     "shape_footprint",
+    "spot_regions",
 ]
+
+#: Longest wait (s) for the tiles the regions of a table need.
+REGION_TIMEOUT_S = 600.0
 
 
 # ------------------------------------------------------------------------- napari shapes
@@ -237,7 +256,7 @@ def aggregate_store(
 
     Footprints are processed in spatial blocks of ``block_px`` level-0 px, so memory is
     bounded by one block's map; tiles a block needs are predicted on demand
-    (:func:`~napari_stmap.core.predict.ensure_region`). Off-tissue tiles count as 0 counts.
+    (:func:`~napari_stmap.core.engine.ensure_region`). Off-tissue tiles count as 0 counts.
     ``signs``/``groups`` combine parts into regions (holes subtract; ``n_groups`` rows; see
     :func:`region_parts`).
     """
@@ -274,3 +293,105 @@ def _union_bbox(fps: Sequence[Footprint]) -> tuple[float, float, float, float]:
         float(boxes[:, 2].max()),
         float(boxes[:, 3].max()),
     )
+
+
+# --------------------------------------------------------------------------- region tables
+@dataclass
+class RegionTable:
+    """Predicted values of regions (what the Regions dock shows and exports).
+
+    Attributes
+    ----------
+    names, kinds
+        Region names and footprint kinds (``"disk"``, ``"polygon"``, …), one per region.
+    centers_yx
+        (n, 2) region centres, level-0 px (y, x).
+    counts
+        (n, G + 1) predicted counts summed over each region (genes, then the total).
+    area_um2
+        (n,) region areas in µm² (holes subtracted).
+    genes
+        The G gene names.
+    """
+
+    names: list[str]
+    kinds: list[str]
+    centers_yx: np.ndarray
+    counts: np.ndarray
+    area_um2: np.ndarray
+    genes: list[str]
+
+    @property
+    def total(self) -> np.ndarray:
+        """(n,) predicted all-transcript totals."""
+        return self.counts[:, -1]
+
+    def normalised(self) -> np.ndarray:
+        """(n, G) ``log1p(1e4 · gene / total)`` after summing."""
+        return normalize_expression(self.counts[:, :-1], self.total)
+
+
+def compute_regions(source, regions: Sequence[Region], mpp: float) -> RegionTable:
+    """Predict what the regions need (blocking) and sum the map over each one (holes subtract).
+
+    ``source``: a predictor (or store) :func:`~napari_stmap.core.predict.ensure_region` reads;
+    ``regions`` in level-0 px; ``mpp``: µm per level-0 px (for the areas).
+    """
+    fps, signs, groups = region_parts(regions)
+    bbox = _union_bbox(fps)
+    dense, grid = ensure_region(source, bbox, timeout=REGION_TIMEOUT_S)
+    counts = combine_parts(aggregate(dense, grid, fps), signs, groups, len(regions))
+    return _region_table(regions, counts, list(source.output_names[:-1]), mpp)
+
+
+def compute_regions_bins(bins, regions: Sequence[Region], mpp: float) -> RegionTable:
+    """Sum a bin prediction over each region (fractional bin coverage; no network run).
+
+    ``bins``: a :class:`~napari_stmap.core.predict.BinPrediction` (``region_sums``, ``genes``); a
+    region reaching bins not predicted is NaN.
+    """
+    fps, signs, groups = region_parts(regions)
+    counts = combine_parts(bins.region_sums(fps), signs, groups, len(regions))
+    return _region_table(regions, counts, list(bins.genes), mpp)
+
+
+def _region_table(
+    regions: Sequence[Region], counts: np.ndarray, genes: list[str], mpp: float
+) -> RegionTable:
+    """The table of ``regions`` (:class:`~napari_stmap.core.geometry.Region`, level-0 px)."""
+    centers = np.array([r.center_yx for r in regions], dtype=float).reshape(-1, 2)
+    area = np.array([r.area_px for r in regions], dtype=float) * mpp**2
+    names, kinds = [r.name for r in regions], [r.kind for r in regions]
+    return RegionTable(names, kinds, centers, counts, area, genes)
+
+
+def build_export(table: RegionTable, mpp: float, slide_path: str):
+    """AnnData of a region table (:func:`~napari_stmap.core.export.build_anndata` conventions)."""
+    return build_anndata(
+        table.counts[:, :-1],
+        table.total,
+        table.genes,
+        table.centers_yx,
+        mpp=mpp,
+        area_um2=table.area_um2,
+        footprint=table.kinds,
+        names=table.names,
+        uns_meta={"slide": slide_path},
+    )
+
+
+def spot_regions(centers_yx: np.ndarray, size_px: float, footprint: str) -> list[Region]:
+    """Regions ``spot 1``, ``spot 2``, … of a spot grid (``"disk"`` or ``"square"``, level-0 px).
+
+    ``centers_yx``: (n, 2) or more columns (the last two are y, x); ``size_px``: diameter or side.
+    """
+    build = disks if footprint == "disk" else squares
+    spots = build(np.asarray(centers_yx)[:, -2:], size_px)
+    return [Region(f"spot {k + 1}", [(fp, 1.0)]) for k, fp in enumerate(spots)]
+
+
+def make_names_unique(regions: Sequence[Region]) -> list[Region]:
+    """Rename ``regions`` in place so no two share a name (see ``unique_names``); returns them."""
+    for region, name in zip(regions, unique_names([r.name for r in regions]), strict=True):
+        region.name = name
+    return list(regions)

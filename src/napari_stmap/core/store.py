@@ -56,6 +56,7 @@ __all__ = [
     "model_hash",
     "open_store",
     "slide_identity",
+    "store_path_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,24 @@ def slide_identity(slide: Slide) -> dict[str, Any]:
         "mpp": float(slide.mpp),
         "sha256_ends": h.hexdigest(),
     }
+
+
+def store_path_for(slide_path: str | Path, model_path: str | Path, root: str | Path) -> Path:
+    """Where the viewer keeps the prediction store of a slide and a model file, under ``root``.
+
+    ``ROOT/STEM-SLIDEKEY-MODELKEY.zarr``: the slide's file name up to its first dot, the first
+    10 hex digits of the sha1 of its resolved path, and those of the sha1 of the model file's
+    bytes (so a retrained model gets a new store). Reads the whole model file: not on a GUI
+    thread. Creates nothing.
+    """
+    slide = Path(slide_path)
+    slide_key = hashlib.sha1(str(slide.resolve()).encode()).hexdigest()[:10]
+    digest = hashlib.sha1()
+    with open(model_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    stem = slide.name.split(".")[0]
+    return Path(root) / f"{stem}-{slide_key}-{digest.hexdigest()[:10]}.zarr"
 
 
 def _model_identity(model: Any, model_path: str | Path | None) -> dict[str, Any]:
