@@ -2,8 +2,8 @@
 
 :mod:`.loop` calls :func:`magnet_kwargs` to build the model and :func:`magnet_forward` for a
 step; a step sees ``cfg.batch_size`` groups of bins (:func:`make_group_batch`) built exactly
-as :func:`~napari_stmap.core.bins.predict_bins` builds them at inference. This module needs
-only :mod:`.augment` and :mod:`.loss`, never the loop.
+as :func:`~napari_stmap.core.predict.bins.predict_bins` builds them at inference. This module
+needs only :mod:`.augment` and :mod:`.loss`, never the loop.
 """
 
 from __future__ import annotations
