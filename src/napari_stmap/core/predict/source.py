@@ -404,7 +404,9 @@ class BinSource:
 
         No network run: each bin partly inside a footprint adds that fraction of its counts
         (:meth:`~napari_stmap.core.predict.bins.BinPrediction.region_sums`); a footprint
-        reaching lattice bins without a prediction is NaN. ``progress`` gets ``(1, 1)``.
+        reaching lattice bins without a prediction inside the predicted bins' extent is NaN,
+        one wholly outside that extent 0; without any prediction all are NaN. ``progress``
+        gets ``(1, 1)``.
         """
 
         def sums(fps: list[Footprint]) -> np.ndarray:
