@@ -1,4 +1,4 @@
-"""``stmap predict`` and ``stmap aggregate``: thin calls into :mod:`napari_stmap.core.engine`,
+"""``stmap predict`` and ``stmap aggregate``: thin calls into :mod:`napari_stmap.core.predict`,
 :mod:`napari_stmap.core.regions`, :mod:`napari_stmap.core.io.regions` and
 :mod:`napari_stmap.core.export`.
 
@@ -176,7 +176,7 @@ def cmd_aggregate(args) -> int:
     from ..core.export import _target
     from ..core.extent import check_regions_on_slide
     from ..core.io.regions import read_geojson
-    from ..core.regions import aggregate_store
+    from ..core.predict import StoreSource
     from ..core.store import open_store
 
     _target(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
@@ -187,20 +187,10 @@ def cmd_aggregate(args) -> int:
         check_regions_on_slide(regions, store.meta["slide"]["shape_yx"], source=str(args.shapes))
     else:
         regions = _grid_regions(args, store, mpp)
-    fps = [fp for r in regions for fp, _ in r.parts]
-    signs = [s for r in regions for _, s in r.parts]
-    groups = [k for k, r in enumerate(regions) for _ in r.parts]
+    # off-tissue tiles count as 0 counts; tiles the regions need are predicted first
+    source = StoreSource(store, model=args.model, device=args.device, background=0.0)
     with _progress("aggregate", unit="block") as progress:
-        sums = aggregate_store(
-            store,
-            fps,
-            signs=signs,
-            groups=groups,
-            n_groups=len(regions),
-            model=args.model,
-            device=args.device,
-            progress=progress,
-        )
+        sums = source.region_sums(regions, progress=progress)
     path = _write(args, store, regions, sums, mpp)
     print(f"wrote {path}: {len(regions)} regions × {len(store.genes)} genes", file=sys.stdout)
     return 0
