@@ -15,8 +15,8 @@ import zarr
 from PIL import Image
 
 from napari_stmap.core.errors import StmapInputError, StmapInputWarning
-from napari_stmap.core.io import slide as slide_mod
 from napari_stmap.core.io.slide import UNKNOWN_MPP_FALLBACK, Slide, open_slide
+from napari_stmap.core.io.slide import _tiff as slide_mod
 
 RNG = np.random.default_rng(0)
 
