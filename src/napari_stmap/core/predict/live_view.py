@@ -160,14 +160,14 @@ class ViewWorker:
 class LiveGeneView:
     """Multiscale map of one gene for a GUI thread: a read never computes, it returns what is ready.
 
-    :attr:`arrays` (finest first, levels as :func:`gene_pyramid`) are read-only numpy-like
+    :attr:`arrays` (finest first, levels as :func:`~.views.gene_pyramid`) are read-only numpy-like
     arrays (``shape``, ``dtype``, ``__getitem__``, ``__array__``) for napari
     (``multiscale=True``). A read returns the blocks computed so far, NaN where a tile is not
     predicted yet or its block is still being computed, and hands the missing blocks to
     ``worker`` (a :class:`ViewWorker`); once some are ready :meth:`take_updated` is True and
     the GUI reads again (refreshes the layer). :meth:`tiles_done` recomputes the blocks of
     newly predicted tiles that the latest read of a level showed. Values equal
-    :func:`gene_view`'s (same modes, levels, background); the network never runs.
+    :func:`~.views.gene_view`'s (same modes, levels, background); the network never runs.
 
     Parameters
     ----------
@@ -176,13 +176,13 @@ class LiveGeneView:
     gene : str or int
         Gene name (or ``"total"``) or output channel index.
     mode : {"normalised", "absolute"}
-        As :func:`gene_view`.
+        As :func:`~.views.gene_view`.
     worker : ViewWorker
         Computes the blocks (shared by the views of one GUI).
     background : float
         Value of tiles skipped as off-tissue.
     min_px : int
-        Coarsest level: longest side at most this many pixels (as :func:`gene_pyramid`).
+        Coarsest level: longest side at most this many pixels (as :func:`~.views.gene_pyramid`).
     cache_bytes : int
         Byte limit of the computed blocks kept (LRU).
     on_update : callable, optional
@@ -191,8 +191,8 @@ class LiveGeneView:
         signal).
     mask : TissueMask, optional
         Show only pixels whose centre is on this mask (NaN, transparent, elsewhere), e.g.
-        :meth:`Predictor.display_mask`: a tile that touches tissue is predicted in full, but
-        its values on glass mean nothing to a reader.
+        :meth:`~.predictor.Predictor.display_mask`: a tile that touches tissue is predicted in
+        full, but its values on glass mean nothing to a reader.
     """
 
     def __init__(

@@ -1,7 +1,8 @@
 """Predicted counts of measured units at every scale, as the evaluation scores them.
 
-:func:`predict_units` runs any model on the units of :meth:`~napari_stmap.core.measured.Measured.units`
-(spots, bins, sums of bins, Visium-like disks; level-0 px, axis order (y, x)) through
+:func:`predict_units` runs any model on the units of
+:meth:`~napari_stmap.core.measured.Measured.units` (spots, bins, sums of bins, Visium-like
+disks; level-0 px, axis order (y, x)) through
 :func:`~napari_stmap.core.predict.spots.predict_spots`. Dense models predict summed scales once,
 on their base bins, and sum those predictions (the additive rule makes that exact).
 """
@@ -29,7 +30,9 @@ def predict_units(
     progress: Callable[[int, int], None] | None = None,
     **kw: Any,
 ) -> dict[str, np.ndarray]:
-    """Predicted counts of every scale's units, as :func:`~napari_stmap.core.evaluate.evaluate_measured` scores them.
+    """Predicted counts of every scale's units, as the evaluation scores them.
+
+    (:func:`~napari_stmap.core.evaluate.evaluate_measured` calls it unless given predictions.)
 
     Parameters
     ----------
