@@ -99,10 +99,12 @@ def test_run_compare_scores_the_store(small_sample, predictor):
     from napari_stmap.core.evaluate import evaluate_measured
     from napari_stmap.core.io.slide import open_slide
     from napari_stmap.core.measured import load_measured
+    from napari_stmap.core.predict import StoreSource
 
     pred, model_path = predictor
     slide = open_slide(small_sample.slide)
-    res = run_compare(pred, model_path, slide, small_sample.outs, [8.0, 16.0])
+    source = StoreSource(pred)
+    res = run_compare(source, pred.model, model_path, slide, small_sample.outs, [8.0, 16.0])
     assert res.result["model"]["path"] == str(model_path)
     assert res.genes == list(small_sample.genes[:6]) and set(res.units) == {"8", "16"}
     measured = load_measured(small_sample.outs, scales_um=[8.0, 16.0], slide=slide)
@@ -121,3 +123,22 @@ def test_run_compare_scores_the_store(small_sample, predictor):
     summed = unit_spots(res, "16", slide.mpp)  # 16 µm units are sums of the 8 µm bins read
     assert summed.n_spots == res.units["16"].n and summed.bin_um == 16.0
     np.testing.assert_allclose(summed.centers_yx, res.units["16"].centers_yx)
+
+
+def test_run_compare_of_a_bin_model_is_stmap_evaluate(small_sample, tmp_path):
+    from napari_stmap.core.compare import run_compare
+    from napari_stmap.core.evaluate import evaluate_measured
+    from napari_stmap.core.io.slide import open_slide
+    from napari_stmap.core.measured import load_measured
+    from napari_stmap.core.model import create_model
+    from napari_stmap.core.predict import BinSource
+
+    torch.manual_seed(0)
+    model = create_model("magnet_tiny", genes=list(small_sample.genes[:4]))
+    slide = open_slide(small_sample.slide)
+    source = BinSource(model=model, slide=slide)  # no bins predicted: units at their centres
+    res = run_compare(source, model, tmp_path / "m.safetensors", slide, small_sample.outs, [16.0])
+    measured = load_measured(small_sample.outs, scales_um=[16.0], slide=slide)
+    cli = evaluate_measured(model, slide, measured, [16.0])
+    for key in ("pcc_f", "pcc_s", "pcc_m", "n_spots", "n_genes"):
+        assert res.result["scales"]["16"][key] == pytest.approx(cli["scales"]["16"][key], rel=1e-4)

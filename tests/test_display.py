@@ -20,7 +20,6 @@ from napari_stmap.core.display import (
     model_kind_warning,
     opened_spots_source,
     percentile_limits,
-    raster_layer_data,
     stmap_kind,
     view_box_px,
 )
@@ -59,20 +58,6 @@ def test_percentile_limits():
     assert lo == 1.0 and hi > lo
     data = np.arange(1001, dtype=float)
     assert percentile_limits(data) == pytest.approx((10.0, 995.0))
-
-
-def test_raster_layer_data_without_and_with_a_prediction():
-    meta = {"training": {"spot_area_um2": 256.0}}
-    data, place = raster_layer_data(None, "A", "normalised", mpp=0.5, model_meta=meta)
-    assert data.shape == (1, 1) and np.isnan(data).all()
-    assert place == {"scale": (16.0, 16.0), "translate": (8.0, 8.0)}
-
-    class Bins:
-        def gene_raster(self, gene, mode):
-            return np.ones((2, 3), np.float32), MapGrid((0.0, 0.0), 32.0, (2, 3))
-
-    data, place = raster_layer_data(Bins(), "A", "absolute", mpp=0.5, model_meta=meta)
-    assert data.shape == (2, 3) and place["scale"] == (16.0, 16.0)
 
 
 def test_colorbar_label_and_gene_matching():
@@ -124,7 +109,7 @@ def test_inputs_summary_and_warnings(tmp_path):
 def test_region_tables_and_spot_regions():
     from napari_stmap.core.regions import (
         build_export,
-        compute_regions_bins,
+        compute_regions,
         make_names_unique,
         spot_regions,
     )
@@ -140,7 +125,7 @@ def test_region_tables_and_spot_regions():
     ring = Region("spot 1", [(Rectangle(0, 0, 10, 10), 1.0), (Rectangle(2, 2, 4, 4), -1.0)])
     regions = make_names_unique([ring, *spots])
     assert [r.name for r in regions] == ["spot 1", "spot 1 (2)", "spot 2"]
-    table = compute_regions_bins(Bins(), regions, 0.5)
+    table = compute_regions(Bins(), regions, 0.5)
     np.testing.assert_allclose(table.counts[:, 0], [96.0, 16.0, 16.0])
     np.testing.assert_allclose(table.area_um2, [24.0, 4.0, 4.0])
     np.testing.assert_allclose(table.normalised()[:, 0], np.log1p([5e3] * 3))

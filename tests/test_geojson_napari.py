@@ -132,7 +132,7 @@ def test_regions_dock_reads_opened_geojson(viewer_on_slide, qupath_file):
 
 def test_dock_sums_subtract_holes():
     from napari_stmap.core.geometry import Rectangle, Region
-    from napari_stmap.core.regions import compute_regions_bins
+    from napari_stmap.core.regions import compute_regions as compute_regions_bins
 
     class Bins:  # a bin prediction whose sums are each part's area (one gene + total)
         genes = ["G"]

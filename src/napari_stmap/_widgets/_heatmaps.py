@@ -1,16 +1,19 @@
-"""Heatmap layers of the Genes dock: live views of a dense model, rasters of a bin model.
+"""Heatmap layers of the Genes dock, from the session's prediction source.
 
-A dense model's heatmap is a :class:`~napari_stmap.core.predict.LiveGeneView` of one gene from
-the prediction store: switching genes reads cached embeddings and applies the model's pointwise
-head, it never reruns the network. napari reads the blocks computed so far (NaN, transparent,
-where a tile is not predicted or its block not computed yet); the session's view worker
-computes the blocks a read missed and calls ``on_update`` (from its thread), and
-:meth:`Heatmaps.refresh` reads the layers again, paced by a
-:class:`~napari_stmap.core.display.RefreshPacer`.
+The kind of :class:`~napari_stmap.core.predict.PredictionSource` decides how a gene is shown:
 
-A bin model's heatmap is an image of one pixel per bin
-(:func:`~napari_stmap.core.display.raster_layer_data` of the session's latest bin prediction;
-NaN where no bin was predicted), placed in µm like the dense maps.
+- a dense model's :class:`~napari_stmap.core.predict.StoreSource`: a live multiscale view
+  (:class:`~napari_stmap.core.predict.LiveGeneView`) of the predictor's store. Switching genes
+  reads cached embeddings and applies the model's pointwise head, it never reruns the network.
+  napari reads the blocks computed so far (NaN, transparent, where a tile is not predicted or
+  its block not computed yet); the session's view worker computes the blocks a read missed and
+  calls ``on_update`` (from its thread), and :meth:`Heatmaps.refresh` reads the layers again,
+  paced by a :class:`~napari_stmap.core.display.RefreshPacer`.
+- a bin model's :class:`~napari_stmap.core.predict.BinSource`: its raster
+  (:meth:`~napari_stmap.core.predict.BinSource.gene_raster`, one pixel per bin, NaN where no
+  bin was predicted), recomputed from the stored counts when the prediction or mode changes.
+
+Both are placed in µm by their grids (:func:`~napari_stmap.core.display.grid_placement`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from napari_stmap.core.display import (
     is_bins_layer,
     is_gene_layer,
     percentile_limits,
-    raster_layer_data,
 )
-from napari_stmap.core.predict import LiveGeneView, view_grid
+from napari_stmap.core.predict import LiveGeneView, StoreSource, view_grid
 
 from ._notify import notify_error
 from ._viewer import owned_layer, viewport_bbox_px
@@ -82,11 +84,41 @@ class Heatmaps:
             **place,
         )
 
-    # --- bin models ------------------------------------------------------------------------
-    def show_raster(self, gene: str, mode: str, replace: str | None = None):
-        """Add or update the raster heatmap of ``gene`` (bin model); ``replace``: reuse a layer."""
-        s, name = self.session, gene_layer_name(gene)
-        data, place = raster_layer_data(s.bins, gene, mode, mpp=s.mpp, model_meta=s.model_meta)
+    # --- any source ----------------------------------------------------------------------
+    def show(self, source, gene: str, mode: str):
+        """Add (or update in place) the heatmap of ``gene`` from ``source``; returns the layer."""
+        if isinstance(source, StoreSource):
+            return self.show_live(self.session.predictor, gene, mode)
+        return self.show_raster(source, gene, mode)
+
+    def switch(self, source, name: str, gene: str, mode: str):
+        """Show ``gene`` in the heatmap ``name`` (renamed, updated in place); returns the layer."""
+        if isinstance(source, StoreSource):
+            return self.switch_live(self.session.predictor, name, gene, mode)
+        return self.show_raster(source, gene, mode, replace=name)
+
+    def redraw(self, source, mode: str, shown: Callable[[object], None]) -> None:
+        """Rebuild every heatmap for ``mode`` from ``source`` (no network run; None: nothing).
+
+        A live source rebuilds every heatmap, a raster source its own (raster) heatmaps;
+        ``shown(layer)`` is called after each layer is updated.
+        """
+        if source is None:
+            return
+        live = isinstance(source, StoreSource)
+        for layer in self.layers():
+            gene = layer.metadata["stmap"]["gene"]
+            if live:
+                shown(self.show_live(self.session.predictor, gene, mode))
+            elif is_bins_layer(layer):
+                shown(self.show_raster(source, gene, mode, replace=layer.name))
+
+    # --- rasters (bin models) --------------------------------------------------------------
+    def show_raster(self, source, gene: str, mode: str, replace: str | None = None):
+        """Add or update the raster heatmap of ``gene``; ``replace``: reuse that layer."""
+        name = gene_layer_name(gene)
+        data, grid = source.gene_raster(gene, mode=mode)
+        place = grid_placement(grid, self.session.mpp)
         layer = owned_layer(self.viewer, replace or name)
         if layer is not None and not is_bins_layer(layer):  # a dense model's live view
             self.viewer.layers.remove(layer)
@@ -100,7 +132,7 @@ class Heatmaps:
         layer.scale, layer.translate = place["scale"], place["translate"]
         return layer
 
-    # --- dense models ----------------------------------------------------------------------
+    # --- live views (dense models) --------------------------------------------------------
     def _live_view(self, pred, gene: str, mode: str):
         """A live multiscale view of ``gene`` and its placement (µm) for an image layer."""
         view = LiveGeneView(
@@ -154,22 +186,6 @@ class Heatmaps:
         for name in [n for n in self.views if n not in present]:
             self.views.pop(name).close()
             self.pacer.forget(name)
-
-    def redraw(self, mode: str, shown: Callable[[object], None]) -> None:
-        """Rebuild every heatmap for ``mode`` and the latest prediction (no network run).
-
-        ``shown(layer)`` is called after each layer is updated.
-        """
-        if self.session.is_bins:
-            for layer in self.layers():
-                if is_bins_layer(layer):
-                    gene = layer.metadata["stmap"]["gene"]
-                    shown(self.show_raster(gene, mode, replace=layer.name))
-            return
-        pred = self.session.predictor
-        if pred is not None:
-            for layer in self.layers():
-                shown(self.show_live(pred, layer.metadata["stmap"]["gene"], mode))
 
     # --- contrast --------------------------------------------------------------------------
     def auto_contrast(self, layer, then: Callable[[], None]) -> None:

@@ -12,29 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_stmap.core.display import stmap_meta
-from napari_stmap.core.model import load_model
-from napari_stmap.core.predict import Predictor, ViewWorker, shutdown_io_pool
-from napari_stmap.core.store import TODO, store_path_for
+from napari_stmap.core.predict import ViewWorker, shutdown_io_pool
 
 from .._layers import align_shapes_to_slide
-from .._sample_data import cache_dir
-from ._lifetime import (
-    HOOK_GUARD,
-    CloseWatcher,
-    DockWatcher,
-    freeze_startup_objects,
-    unfreeze_startup_objects,
-)
+from ._lifetime import HOOK_GUARD, CloseWatcher, DockWatcher, unfreeze_startup_objects
 from ._notify import notify_error
+from ._predictions import PredictionsMixin
 from ._viewer import ANNOTATION_KINDS, keep_annotations_on_top, stmap_kind
 
 logger = logging.getLogger(__name__)
@@ -69,26 +60,13 @@ def get_session(viewer, widget=None) -> Session:
     return session
 
 
-def gui_threads() -> int:
-    """Torch CPU threads for the network in the viewer: all cores but one (at least 1).
-
-    torch's OpenMP threads spin at barriers, so with every core busy the Qt thread waits for
-    the scheduler and the viewer stutters.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 class _ClosedViewer:
     """What a closed session's ``viewer`` is: no layers, and not the viewer it served."""
 
     layers: tuple = ()
 
 
-class Session(QObject):
+class Session(PredictionsMixin, QObject):
     """Slide, measured data, model and predictor of one viewer.
 
     Signals
@@ -296,196 +274,6 @@ class Session(QObject):
         worker.finished.connect(_on_finished)
         worker.start()
         return worker
-
-    # --- bin models ------------------------------------------------------------------------
-    def set_bins(self, prediction, *, merge: bool = False) -> None:
-        """Keep ``prediction`` (a BinPrediction, or None); ``merge``: add it to the one kept."""
-        if merge and prediction is not None and self.bins is not None:
-            prediction = self.bins.merged(prediction)
-        if prediction is None and self.bins is None:
-            return
-        self.bins = prediction
-        self.bins_changed.emit()
-
-    def with_bin_model(
-        self, then: Callable[[Any], None], on_fail: Callable[[], None] | None = None
-    ) -> None:
-        """Call ``then(model)`` on the Qt thread with the bin model, loading it in a worker first."""
-        key = (self.model_path, self.device)
-        if self.bin_model is not None and self._bin_model_key == key:
-            then(self.bin_model)
-            return
-        if not self._inputs_ready():
-            if on_fail is not None:
-                on_fail()
-            return
-        self._bin_model_waiting.append((then, on_fail))
-        if len(self._bin_model_waiting) > 1:
-            return  # already loading
-
-        def load():
-            import torch
-
-            torch.set_num_threads(gui_threads())
-            return load_model(key[0], device=key[1])
-
-        def done(model) -> None:
-            if (self.model_path, self.device) != key:
-                failed(RuntimeError("the model or device changed while loading; try again"))
-                return
-            self.bin_model, self._bin_model_key = model, key
-            waiting, self._bin_model_waiting = self._bin_model_waiting, []
-            for fn, _ in waiting:
-                fn(model)
-
-        def failed(exc: BaseException) -> None:
-            waiting, self._bin_model_waiting = self._bin_model_waiting, []
-            for _, fail in waiting:
-                if fail is not None:
-                    fail()
-
-        self.run(
-            load,
-            on_done=done,
-            on_error=failed,
-            what="loading the model",
-            progress={"total": 0, "desc": "stmap: loading model"},
-        )
-
-    # --- predictor -------------------------------------------------------------------------
-    def store_path(self) -> Path:
-        """Prediction store of this slide and model (reused across sessions).
-
-        Named by :func:`~napari_stmap.core.store.store_path_for` (hashes the model file: not
-        on the Qt thread) under :attr:`store_root`, else the cache's ``stores`` folder.
-        """
-        root = self.store_root or cache_dir() / "stores"
-        root.mkdir(parents=True, exist_ok=True)
-        return store_path_for(self.slide.path, self.model_path, root)
-
-    def with_predictor(
-        self, then: Callable[[Any], None], on_fail: Callable[[], None] | None = None
-    ) -> None:
-        """Call ``then(predictor)`` on the Qt thread, building the predictor in a worker first.
-
-        ``on_fail`` runs when it cannot be built (the error is shown as a notification). When
-        the slide, model or device change while it is being built, it is built again for them.
-        """
-        if self.predictor is not None:
-            then(self.predictor)
-            return
-        if self.is_bins:
-            notify_error(
-                f"{self.model_path.name} is a bin model ({self.model_meta.get('arch')}); this needs "
-                "a dense model such as pixnet",
-                "predict",
-            )
-            if on_fail is not None:
-                on_fail()
-            return
-        if not self._inputs_ready():
-            if on_fail is not None:
-                on_fail()
-            return
-        self._after_predictor.append((then, on_fail))
-        self._build_predictor()
-
-    def _inputs_ready(self) -> bool:
-        missing = [
-            n for n, v in (("a slide", self.slide), ("a model", self.model_path)) if v is None
-        ]
-        if missing:
-            notify_error(
-                f"load {' and '.join(missing)} in the 'Slide & data' dock first", "predict"
-            )
-        return not missing
-
-    def _build_predictor(self) -> None:
-        if self._predictor_worker is not None:
-            return
-        slide, model_path, device = self.slide, self.model_path, self.device
-
-        def build():
-            pred = Predictor(
-                slide,
-                model_path,
-                self.store_path(),  # hashes the model file: not on the Qt thread
-                device=device,
-                done_queue=self.done_queue,
-                num_threads=gui_threads(),
-            )
-            pred.display_mask()  # heatmaps hide glass; reads a thumbnail: not on the Qt thread
-            return pred
-
-        def done(pred) -> None:
-            stale = slide is not self.slide or model_path != self.model_path
-            if self.closed or stale or device != self.device:
-                pred.close()  # the callbacks wait for the next build (see finish)
-                return
-            self.predictor = pred
-            freeze_startup_objects()
-            self.changed.emit("predictor")
-            callbacks, self._after_predictor = self._after_predictor, []
-            for then, _ in callbacks:
-                then(pred)
-
-        def failed(exc: BaseException) -> None:
-            callbacks, self._after_predictor = self._after_predictor, []
-            for _, fail in callbacks:
-                if fail is not None:
-                    fail()
-
-        def finish() -> None:
-            self._predictor_worker = None
-            if self.closed or self.predictor is not None or not self._after_predictor:
-                return
-            if self._inputs_ready():  # inputs changed meanwhile: build for the new ones
-                self._build_predictor()
-            else:
-                failed(RuntimeError("inputs gone"))
-
-        self._predictor_worker = self.run(
-            build,
-            on_done=done,
-            on_error=failed,
-            on_finally=finish,
-            what="loading the model",
-            progress={"total": 0, "desc": "stmap: loading model"},
-        )
-
-    def request(self, bbox_yx: Sequence[float] | None, *, replace_goal: bool = True) -> int:
-        """Ask the predictor for a level-0 px box (None: whole slide); returns tiles queued."""
-        pred = self.predictor
-        if pred is None:
-            return 0
-        box = (0.0, 0.0, *map(float, self.slide.shape_yx)) if bbox_yx is None else tuple(bbox_yx)
-        n = pred.request(box)
-        tiles = pred.spec.tiles_in_bbox(box)
-        self.goal = tiles if replace_goal else sorted(set(self.goal) | set(tiles))
-        self._set_busy(pred.pending > 0)
-        return n
-
-    def progress(self) -> tuple[int, int]:
-        """(tiles settled, tiles wanted) of the latest request(s)."""
-        pred = self.predictor
-        if pred is None or not self.goal:
-            return 0, 0
-        done = sum(1 for t in self.goal if pred.store.state(t) != TODO)
-        return done, len(self.goal)
-
-    def cancel(self) -> None:
-        """Drop queued tiles (the batch in flight is still written)."""
-        if self.predictor is not None:
-            self.predictor.cancel()
-
-    def drop_predictor(self) -> None:
-        """Close the predictor (its threads are joined); a new one is built on demand."""
-        pred, self.predictor = self.predictor, None
-        self.goal = []
-        if pred is not None:
-            pred.close()
-            self.changed.emit("predictor")
-        self._set_busy(False)
 
     def _set_busy(self, busy: bool) -> None:
         if busy != self._busy:

@@ -26,11 +26,11 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stmap.core.compare import (
+    COMPARE_TIMEOUT_S,
     CompareResult,
     pcc_table,
     residual_limits,
     run_compare,
-    run_compare_bins,
     scale_choices,
     summary_html,
     unit_spots,
@@ -139,33 +139,24 @@ class CompareWidget(QWidget):
             notify_error("tick at least one bin size", "compare")
             return None
         self.run_btn.setEnabled(False)
+        self.summary.setText("predicting the measured units and comparing…")
 
-        def start(fn, source, *extra) -> None:
+        def start(source, model) -> None:
             self._worker = s.run(
-                fn,
+                run_compare,
                 source,
+                model,
                 s.model_path,
                 s.slide,
                 s.spots_path,
                 scales,
-                *extra,
                 on_done=self._on_compare_done,
                 on_finally=self._on_worker_finished,
                 what="compare",
                 progress={"total": 0, "desc": "stmap: compare"},
             )
 
-        if s.is_bins:
-            self.summary.setText("predicting at the measured bins and comparing…")
-            s.with_bin_model(
-                lambda model: start(run_compare_bins, model, s.device),
-                on_fail=self._on_worker_finished,
-            )
-        else:
-            self.summary.setText("predicting and comparing… (the network runs once per tile)")
-            s.with_predictor(
-                lambda pred: start(run_compare, pred), on_fail=self._on_worker_finished
-            )
+        s.with_source(start, on_fail=self._on_worker_finished, timeout=COMPARE_TIMEOUT_S)
         return self._worker
 
     def _on_worker_finished(self) -> None:

@@ -191,10 +191,11 @@ class GenesWidget(QWidget):
     def add_gene(self, gene: str) -> None:
         """Add (or select) the heatmap of ``gene``; predicts nothing by itself."""
         match = self.match_gene(gene)
-        if match is not None and self.session.is_bins:
-            self._shown(self.heatmaps.show_raster(match, self.mode))
-        elif match is not None:
-            self.session.with_predictor(lambda pred: self._add_layer(pred, match))
+        if match is not None:
+            self.session.with_source(
+                lambda source, _model: self._shown(self.heatmaps.show(source, match, self.mode)),
+                load_model=False,
+            )
 
     def switch_gene(self, gene: str) -> None:
         """Show ``gene`` in the selected heatmap layer (renamed, updated in place).
@@ -210,24 +211,20 @@ class GenesWidget(QWidget):
             self.add_gene(match)
             return
         name = layer.name
-        if self.session.is_bins:
-            self._shown(self.heatmaps.show_raster(match, self.mode, replace=name))
-            return
-        self.session.with_predictor(
-            lambda pred: self._shown(self.heatmaps.switch_live(pred, name, match, self.mode))
+        self.session.with_source(
+            lambda source, _model: self._shown(
+                self.heatmaps.switch(source, name, match, self.mode)
+            ),
+            load_model=False,
         )
 
-    def _add_layer(self, pred, gene: str) -> None:
-        self._shown(self.heatmaps.show_live(pred, gene, self.mode))
-
     def _redraw_all(self) -> None:
-        """Rebuild every heatmap for the current mode, model and prediction (no network run)."""
-        self.heatmaps.redraw(self.mode, self._shown)
+        """Rebuild every heatmap for the current mode and prediction (no network run)."""
+        self.heatmaps.redraw(self.session.current_source(), self.mode, self._shown)
 
     def _on_bins_changed(self) -> None:
         """A new bin prediction: update the raster heatmaps in place (no network run)."""
-        if self.session.is_bins:
-            self._redraw_all()
+        self._redraw_all()
 
     def _on_remove_clicked(self) -> None:
         layer = self.current_layer()
@@ -310,8 +307,7 @@ class GenesWidget(QWidget):
         if what == "model":
             self.completer.setModel(QStringListModel(self.session.model_genes, self.completer))
         if what == "predictor" and self.session.predictor is not None:
-            for layer in self.gene_layers():  # the store object changed: rebuild the views
-                self._add_layer(self.session.predictor, layer.metadata["stmap"]["gene"])
+            self._redraw_all()  # the store object changed: rebuild the views
 
     def _draw_colorbar(self) -> None:
         layer = self.current_layer()

@@ -31,10 +31,10 @@ from qtpy.QtWidgets import (
 from napari_stmap.core.export import write_regions
 from napari_stmap.core.geometry import spot_grid
 from napari_stmap.core.regions import (
+    REGION_TIMEOUT_S,
     RegionTable,
     build_export,
     compute_regions,
-    compute_regions_bins,
 )
 
 from ._dialogs import ask_save_path
@@ -213,25 +213,19 @@ class RegionsWidget(QWidget):
             self.table_data = None
             self._fill_table()
             return None
+        missing = self.session.values_missing()
+        if missing is not None:
+            self.status.setText(missing)
+            notify_info(missing)
+            return None
         mpp = self.session.mpp
-        if self.session.is_bins:
-            bins = self.session.bins
-            if bins is None:
-                text = (
-                    "a bin model gives regions from its bin prediction: press 'Predict view' first"
-                )
-                self.status.setText(text)
-                notify_info(text)
-                return None
-            self.update_btn.setEnabled(False)
-            self.status.setText(f"summing {len(regions)} regions over {bins.n} predicted bins…")
-            self._start(compute_regions_bins, bins, regions, mpp)
-            return self._worker
         self.update_btn.setEnabled(False)
         self.status.setText(f"computing {len(regions)} regions…")
-        self.session.with_predictor(
-            lambda pred: self._start(compute_regions, pred, regions, mpp),
+        self.session.with_source(
+            lambda source, _model: self._start(compute_regions, source, regions, mpp),
             on_fail=self._on_worker_finished,
+            timeout=REGION_TIMEOUT_S,
+            load_model=False,
         )
         return self._worker
 

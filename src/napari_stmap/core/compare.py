@@ -2,13 +2,13 @@
 
 The metrics are :func:`~napari_stmap.core.evaluate.evaluate_measured`, the function behind
 ``stmap evaluate`` (same units, depth factor and metrics), scored on the predictions of a
-prediction store (:func:`run_compare`: the network runs once per tile, only for tiles the store
-does not have yet) or, for a bin model (MagNet), on a prediction at the measured units' centres
-(:func:`run_compare_bins`, the command line's numbers). The PCC table, the scatter plot and the
-measured / residual layers all use the same predicted values (the additive rule over the same
-base bins). The command line predicts with :func:`~napari_stmap.core.predict.predict_spots`
-instead; both tile the same seamless map, so the numbers agree up to the store's float16
-embeddings.
+:class:`~napari_stmap.core.predict.PredictionSource` (:func:`run_compare`): a dense model's
+store (the network runs once per tile, only for tiles the store does not have yet) or a bin
+model (MagNet), predicted at the measured units' centres as the command line does. The PCC
+table, the scatter plot and the measured / residual layers all use the same predicted values
+(the additive rule over the same base bins). For a dense model the command line predicts with
+:func:`~napari_stmap.core.predict.predict_spots` instead; both tile the same seamless map, so
+the numbers agree up to the store's float16 embeddings.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .aggregate import aggregate
 from .evaluate import evaluate_measured
 from .io.slide import Slide
 from .io.spots import Spots, available_bin_sizes
 from .measured import Measured, load_measured
 from .metrics import normalize_expression
-from .predict import ensure_region, predict_units, spot_footprints
+from .predict import PredictionSource, StoreSource
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ __all__ = [
     "pcc_table",
     "residual_limits",
     "run_compare",
-    "run_compare_bins",
     "scale_choices",
     "store_predictions",
     "summary_html",
@@ -88,73 +86,36 @@ def scale_choices(spots: Spots, path: str | Path | None = None) -> list[tuple[fl
 
 
 def store_predictions(pred, meas: Measured, units: dict) -> dict:
-    """Predicted counts (n, G_model + 1) of every unit from the predictor's store.
+    """Predicted counts (n, G_model + 1) of every unit from a predictor's store (blocking).
 
     ``pred`` is a :class:`~napari_stmap.core.predict.Predictor`; missing tiles are predicted
-    once. Units made of measured bins (``members``) are sums of the base bins' values.
+    once. Units made of measured bins (``members``) are sums of the base bins' values. What
+    :func:`run_compare` scores for a dense model.
     """
-
-    def summed(fps):
-        boxes = np.array([f.bbox_yx() for f in fps])
-        bbox = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
-        dense, grid = ensure_region(pred, bbox, timeout=COMPARE_TIMEOUT_S)
-        return aggregate(dense, grid, fps)
-
-    out, base = {}, None
-    for key, u in units.items():
-        if u.n == 0:
-            out[key] = np.zeros((0, len(pred.output_names)))
-        elif u.members is not None:
-            if base is None:
-                base = summed(spot_footprints(meas.spots))
-            out[key] = np.asarray(u.members @ base)
-        else:
-            out[key] = summed(spot_footprints(u))
-    return out
+    source = StoreSource(pred, timeout=COMPARE_TIMEOUT_S)
+    return source.unit_predictions(meas, units)
 
 
 def run_compare(
-    pred, model_path: str | Path, slide: Slide, spots_path: str | Path, scales_um: Sequence[float]
-) -> CompareResult:
-    """``stmap evaluate``'s metrics on the store's predictions, plus plot data (blocking).
-
-    Missing tiles are predicted by ``pred`` (a :class:`~napari_stmap.core.predict.Predictor`),
-    once; tiles already in the store are reused.
-    """
-    measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
-    model = pred.model  # already loaded: genes and metadata; it runs in the predictor only
-    seen: dict = {}
-
-    def predict(meas, units: dict) -> dict:
-        seen["meas"], seen["units"] = meas, units
-        seen["preds"] = store_predictions(pred, meas, units)
-        return seen["preds"]
-
-    result = evaluate_measured(model, slide, measured, scales_um, predict=predict)
-    return _compare_result(result, model, model_path, seen)
-
-
-def run_compare_bins(
+    source: PredictionSource,
     model,
     model_path: str | Path,
     slide: Slide,
     spots_path: str | Path,
     scales_um: Sequence[float],
-    device: str = "cpu",
 ) -> CompareResult:
-    """``stmap evaluate``'s metrics for a bin model (predicted at the units' centres; blocking).
+    """``stmap evaluate``'s metrics on ``source``'s predictions, plus plot data (blocking).
 
-    The same predictions as the command line (:func:`~napari_stmap.core.evaluate.evaluate_measured`
-    without ``predict``), kept for the plot and the layers.
+    ``source`` predicts the measured units (:meth:`~PredictionSource.unit_predictions`: a
+    store predicts missing tiles once and reuses the others; a bin model runs at the units'
+    centres); ``model`` is the loaded model (genes, metadata), ``model_path`` its file.
     """
     measured = load_measured(spots_path, scales_um=scales_um, slide=slide)
     seen: dict = {}
 
     def predict(meas, units: dict) -> dict:
         seen["meas"], seen["units"] = meas, units
-        seen["preds"] = predict_units(
-            model, slide, meas, units, device=device, tile_px=None, batch_size=4, tta=False
-        )
+        seen["preds"] = source.unit_predictions(meas, units)
         return seen["preds"]
 
     result = evaluate_measured(model, slide, measured, scales_um, predict=predict)

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from .geometry import MapGrid
-from .predict import model_bin_um
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ __all__ = [
     "model_kind_warning",
     "opened_spots_source",
     "percentile_limits",
-    "raster_layer_data",
     "shared_genes",
     "stmap_kind",
     "stmap_meta",
@@ -111,22 +109,6 @@ def grid_placement(grid: MapGrid, mpp: float) -> dict[str, tuple[float, float]]:
         "scale": (grid.pixel_px * mpp,) * 2,
         "translate": tuple(v * mpp for v in grid.translate_yx),
     }
-
-
-def raster_layer_data(
-    bins: Any, gene: str, mode: str, *, mpp: float, model_meta: dict
-) -> tuple[np.ndarray, dict]:
-    """Raster (H, W) of ``gene`` from a bin prediction and its placement (µm).
-
-    ``bins``: a :class:`~napari_stmap.core.predict.BinPrediction` (one pixel per bin, NaN where no
-    bin was predicted), or None before the first prediction: then one NaN pixel of the model's
-    bin size (``model_meta``) at the origin. ``mode``: ``"normalised"`` or ``"absolute"``.
-    """
-    if bins is None:
-        b = model_bin_um(model_meta)
-        return np.full((1, 1), np.nan, np.float32), {"scale": (b, b), "translate": (b / 2,) * 2}
-    raster, grid = bins.gene_raster(gene, mode)
-    return raster, grid_placement(grid, mpp)
 
 
 def view_box_px(

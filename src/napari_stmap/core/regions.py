@@ -12,8 +12,8 @@ missing: a region of its own) and ``hole`` (True: subtracted from the outer shap
 Region values follow the additive rule: :func:`aggregate_store` sums a store's dense map over
 every part (:func:`region_parts`) and :func:`combine_parts` adds them up with their signs.
 A :class:`RegionTable` is what the Regions dock shows and exports: regions × genes of a
-predictor's map (:func:`compute_regions`) or of a bin model's prediction
-(:func:`compute_regions_bins`), as AnnData by :func:`build_export`.
+prediction (:func:`compute_regions`, any :class:`~napari_stmap.core.predict.PredictionSource`),
+as AnnData by :func:`build_export`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .aggregate import aggregate
 from .errors import StmapInputError
 from .export import build_anndata
 from .geometry import (
@@ -55,7 +54,6 @@ __all__ = [
     "build_export",
     "combine_parts",
     "compute_regions",
-    "compute_regions_bins",
     "footprint_shape",
     "make_names_unique",
     "region_parts",
@@ -332,27 +330,16 @@ class RegionTable:
 
 
 def compute_regions(source, regions: Sequence[Region], mpp: float) -> RegionTable:
-    """Predict what the regions need (blocking) and sum the map over each one (holes subtract).
+    """Sum a prediction over each region (holes subtract); blocking.
 
-    ``source``: a predictor (or store) :func:`~napari_stmap.core.predict.ensure_region` reads;
-    ``regions`` in level-0 px; ``mpp``: µm per level-0 px (for the areas).
+    ``source``: a :class:`~napari_stmap.core.predict.PredictionSource` (its ``genes`` and
+    ``region_sums`` of footprints): a dense store predicts the tiles the regions need first, a
+    bin prediction adds the fraction of each bin inside a part (NaN where a region reaches bins
+    not predicted yet). ``regions`` in level-0 px; ``mpp``: µm per level-0 px (for the areas).
     """
     fps, signs, groups = region_parts(regions)
-    bbox = _union_bbox(fps)
-    dense, grid = ensure_region(source, bbox, timeout=REGION_TIMEOUT_S)
-    counts = combine_parts(aggregate(dense, grid, fps), signs, groups, len(regions))
-    return _region_table(regions, counts, list(source.output_names[:-1]), mpp)
-
-
-def compute_regions_bins(bins, regions: Sequence[Region], mpp: float) -> RegionTable:
-    """Sum a bin prediction over each region (fractional bin coverage; no network run).
-
-    ``bins``: a :class:`~napari_stmap.core.predict.BinPrediction` (``region_sums``, ``genes``); a
-    region reaching bins not predicted is NaN.
-    """
-    fps, signs, groups = region_parts(regions)
-    counts = combine_parts(bins.region_sums(fps), signs, groups, len(regions))
-    return _region_table(regions, counts, list(bins.genes), mpp)
+    counts = combine_parts(source.region_sums(fps), signs, groups, len(regions))
+    return _region_table(regions, counts, list(source.genes), mpp)
 
 
 def _region_table(
