@@ -16,11 +16,10 @@ from napari_stmap.core.io.regions import (
     read_geojson,
     write_geojson,
 )
+from napari_stmap.core.predict import combine_parts, region_parts
 from napari_stmap.core.regions import (
     annotations_from_shapes,
-    combine_parts,
     footprint_shape,
-    region_parts,
     regions_from_shapes,
 )
 

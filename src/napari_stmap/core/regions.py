@@ -9,8 +9,9 @@ shapes group into.
 napari shapes (a Shapes layer has no holes) map onto annotations through two per-shape
 properties: ``feature`` (shapes with the same value >= 0 are parts of one annotation; < 0 or
 missing: a region of its own) and ``hole`` (True: subtracted from the outer shape that holds it).
-Region values follow the additive rule: :func:`aggregate_store` sums a store's dense map over
-every part (:func:`region_parts`) and :func:`combine_parts` adds them up with their signs.
+Region values follow the additive rule: a prediction is summed over every part
+(:func:`~napari_stmap.core.predict.region_parts`) and
+:func:`~napari_stmap.core.predict.combine_parts` adds them up with their signs.
 A :class:`RegionTable` is what the Regions dock shows and exports: regions × genes of a
 prediction (:func:`compute_regions`, any :class:`~napari_stmap.core.predict.PredictionSource`),
 as AnnData by :func:`build_export`.
@@ -38,25 +39,21 @@ from .geometry import (
     disks,
     rectangle_from_corners,
     squares,
-    weight_matrix,
 )
 from .io.regions import Annotation, as_rgb, nest_holes, regions_from_annotations, unique_names
 from .metrics import normalize_expression
-from .predict import ensure_region
+from .predict import combine_parts, region_parts
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "REGION_TIMEOUT_S",
     "RegionTable",
-    "aggregate_store",
     "annotations_from_shapes",
     "build_export",
-    "combine_parts",
     "compute_regions",
     "footprint_shape",
     "make_names_unique",
-    "region_parts",
     "regions_from_shapes",
     "shape_footprint",
     "spot_regions",
@@ -211,86 +208,6 @@ def regions_from_shapes(
     :func:`~napari_stmap.core.io.regions.region_names`.
     """
     return regions_from_annotations(annotations_from_shapes(shape_types, vertices_yx, properties))
-
-
-# ---------------------------------------------------------------------------- aggregation
-def region_parts(regions: Sequence[Region]) -> tuple[list[Footprint], np.ndarray, np.ndarray]:
-    """All parts of ``regions`` as ``(footprints, signs (n,), groups (n,))``.
-
-    ``groups[i]`` is the index of the region part ``i`` belongs to; see :func:`combine_parts`.
-    """
-    fps = [fp for r in regions for fp, _ in r.parts]
-    signs = np.array([s for r in regions for _, s in r.parts], dtype=np.float64)
-    groups = np.array([k for k, r in enumerate(regions) for _ in r.parts], dtype=np.int64)
-    return fps, signs, groups
-
-
-def combine_parts(
-    values: np.ndarray, signs: np.ndarray, groups: np.ndarray, n_groups: int
-) -> np.ndarray:
-    """Per-region sums ``(n_groups, C)`` of per-part sums ``values`` (n_parts, C).
-
-    Each part adds ``sign · value`` to its group (holes subtract); NaN parts make NaN regions.
-    """
-    values = np.asarray(values, dtype=np.float64).reshape(len(signs), -1)
-    out = np.zeros((n_groups, values.shape[1]), dtype=np.float64)
-    np.add.at(out, np.asarray(groups), values * np.asarray(signs, dtype=np.float64)[:, None])
-    return out
-
-
-def aggregate_store(
-    store,
-    footprints: Sequence[Footprint],
-    *,
-    signs: Sequence[float] | None = None,
-    groups: Sequence[int] | None = None,
-    n_groups: int | None = None,
-    model=None,
-    device: str = "cpu",
-    block_px: float = 4096.0,
-    progress=None,
-) -> np.ndarray:
-    """Per-region sums ``(n, G + 1)`` of the dense map of a store (additive rule).
-
-    Footprints are processed in spatial blocks of ``block_px`` level-0 px, so memory is
-    bounded by one block's map; tiles a block needs are predicted on demand
-    (:func:`~napari_stmap.core.engine.ensure_region`). Off-tissue tiles count as 0 counts.
-    ``signs``/``groups`` combine parts into regions (holes subtract; ``n_groups`` rows; see
-    :func:`region_parts`).
-    """
-    fps = list(footprints)
-    signs = np.ones(len(fps)) if signs is None else np.asarray(signs, float)
-    groups = np.arange(len(fps)) if groups is None else np.asarray(groups)
-    out = np.zeros((n_groups or len(fps), len(store.output_names)), dtype=np.float64)
-    blocks = _blocks(fps, block_px)
-    for k, idx in enumerate(blocks):
-        box = _union_bbox([fps[i] for i in idx])
-        dense, grid = ensure_region(store, box, background=0.0, model=model, device=device)
-        w = weight_matrix([fps[i] for i in idx], grid)
-        sums = np.asarray(w @ dense.reshape(dense.shape[0], -1).T.astype(np.float64))
-        out += combine_parts(sums, signs[idx], groups[idx], len(out))
-        if progress is not None:
-            progress(k + 1, len(blocks))
-    return out
-
-
-def _blocks(fps: Sequence[Footprint], block_px: float) -> list[np.ndarray]:
-    boxes = np.array([fp.bbox_yx() for fp in fps], dtype=np.float64).reshape(-1, 4)
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-    keys = np.floor(centers / block_px).astype(np.int64)
-    order = np.lexsort((keys[:, 1], keys[:, 0]))
-    _, starts = np.unique(keys[order], axis=0, return_index=True)
-    return np.split(order, starts[1:]) if len(order) else []
-
-
-def _union_bbox(fps: Sequence[Footprint]) -> tuple[float, float, float, float]:
-    boxes = np.array([fp.bbox_yx() for fp in fps])
-    return (
-        float(boxes[:, 0].min()),
-        float(boxes[:, 1].min()),
-        float(boxes[:, 2].max()),
-        float(boxes[:, 3].max()),
-    )
 
 
 # --------------------------------------------------------------------------- region tables
