@@ -20,7 +20,7 @@ writes each chunk file atomically), so a crash loses at most the tiles in flight
 run produces the same store as an uninterrupted one.
 
 :class:`LRUCache` is the byte-limited cache used for decoded embedding chunks (shared by all
-views of a store) and, in :mod:`~napari_stmap.core.engine`, for decoded slide blocks.
+views of a store) and, in :mod:`~napari_stmap.core.predict.reader`, for decoded slide blocks.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class PredictionStore:
     cache : LRUCache
         Decoded embedding chunks (float32 ``(D, h, w)``), shared by all views of this store.
     view_cache : LRUCache
-        Gene-map chunks computed from them by the views (see :mod:`~napari_stmap.core.engine`).
+        Gene-map chunks computed from them by the views (see :mod:`~napari_stmap.core.predict.views`).
     """
 
     def __init__(self, group: Any, path: Path, *, cache_bytes: int, writable: bool) -> None:
