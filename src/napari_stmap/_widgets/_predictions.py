@@ -5,8 +5,8 @@ workers and hands them to the docks on the Qt thread: the
 :class:`~napari_stmap.core.predict.Predictor` (its store named by
 :func:`~napari_stmap.core.store.store_path_for`; tiles requested, counted and cancelled here),
 a bin model and its latest :class:`~napari_stmap.core.predict.BinPrediction`, and the
-:class:`~napari_stmap.core.predict.PredictionSource` over either (:meth:`~PredictionsMixin.with_source`),
-so the docks ask one interface whatever the model.
+:class:`~napari_stmap.core.predict.PredictionSource` over either
+(:meth:`~PredictionsMixin.with_source`), so the docks ask one interface whatever the model.
 """
 
 from __future__ import annotations
@@ -149,8 +149,7 @@ class PredictionsMixin:
         return None if self.predictor is None else StoreSource(self.predictor)
 
     def values_missing(self) -> str | None:
-        """Why :meth:`with_source` has no values to sum yet (a bin model before its first
-        prediction), else None."""
+        """Why there are no values to sum yet (a bin model before its first prediction), or None."""
         if self.is_bins and self.bins is None:
             return "a bin model gives regions from its bin prediction: press 'Predict view' first"
         return None

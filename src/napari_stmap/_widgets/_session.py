@@ -82,7 +82,9 @@ class Session(PredictionsMixin, QObject):
 
     Bin models (``input_kind == "bins"``, MagNet) have no predictor and no store: the model is
     loaded in a worker (:meth:`with_bin_model`) and the docks keep its latest prediction, a
-    :class:`~napari_stmap.core.predict.BinPrediction`, in :attr:`bins`.
+    :class:`~napari_stmap.core.predict.BinPrediction`, in :attr:`bins`. The docks ask for
+    either through one :class:`~napari_stmap.core.predict.PredictionSource`
+    (:meth:`with_source`); loading lives in :class:`~._predictions.PredictionsMixin`.
     """
 
     changed = Signal(str)

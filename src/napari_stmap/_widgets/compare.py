@@ -13,12 +13,9 @@ import logging
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QComboBox,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -40,6 +37,7 @@ from napari_stmap.core.compare import (
 from .._layers import spots_layer
 from ._notify import notify_error
 from ._plots import clear_plot, draw_scatter, make_canvas
+from ._qt import button, combo, row, status_label
 from ._session import get_session
 from ._tables import NumberItem, selected_row
 from ._viewer import PREFIX, replace_layer
@@ -66,12 +64,9 @@ class CompareWidget(QWidget):
         self.scales = QListWidget()
         self.scales.setMaximumHeight(90)
         lay.addWidget(self.scales)
-        self.run_btn = QPushButton("Compare measured vs predicted")
-        self.run_btn.clicked.connect(self._on_run_clicked)
+        self.run_btn = button("Compare measured vs predicted", self._on_run_clicked)
         lay.addWidget(self.run_btn)
-        self.summary = QLabel("Load measured data and a model in 'Slide & data'.")
-        self.summary.setWordWrap(True)
-        self.summary.setTextFormat(Qt.TextFormat.RichText)
+        self.summary = status_label("Load measured data and a model in 'Slide & data'.", rich=True)
         lay.addWidget(self.summary)
         self.table = QTableWidget()
         self.table.setSortingEnabled(True)
@@ -79,15 +74,9 @@ class CompareWidget(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.itemSelectionChanged.connect(self._on_table_selection_changed)
         lay.addWidget(self.table)
-        row = QHBoxLayout()
-        row.addWidget(QLabel("scatter at"))
-        self.scale_combo = QComboBox()
-        self.scale_combo.activated.connect(lambda _i: self._on_table_selection_changed())
-        row.addWidget(self.scale_combo)
-        self.layers_btn = QPushButton("Show measured + residual layers")
-        self.layers_btn.clicked.connect(self._on_layers_clicked)
-        row.addWidget(self.layers_btn)
-        lay.addLayout(row)
+        self.scale_combo = combo(lambda _i: self._on_table_selection_changed())
+        self.layers_btn = button("Show measured + residual layers", self._on_layers_clicked)
+        lay.addLayout(row("scatter at", self.scale_combo, self.layers_btn))
         self.canvas, self.figure = make_canvas(2.6)
         lay.addWidget(self.canvas)
 

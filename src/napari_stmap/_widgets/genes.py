@@ -3,24 +3,19 @@
 The heatmap layers (``stmap: GENE``, updated in place) and the live views behind them are
 :class:`~._heatmaps.Heatmaps`'s; switching genes never reruns the network and the Qt thread
 computes nothing. Layers whose blocks arrived are refreshed at most every
-:attr:`GenesWidget.REFRESH_MS` (a 50 ms timer catches up on deferred refreshes); finished tiles
-only cause work for the layers showing them. "Show in selected" switches a layer to another gene.
+:attr:`GenesWidget.REFRESH_MS` (:class:`~._live_refresh.LiveRefresh`; a 50 ms timer catches up
+on deferred refreshes); finished tiles only cause work for the layers showing them. "Show in
+selected" switches a layer to another gene.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
-from qtpy.QtCore import QStringListModel, Qt, QTimer, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
-    QCompleter,
     QFormLayout,
-    QHBoxLayout,
-    QLineEdit,
-    QListWidget,
-    QPushButton,
     QSlider,
     QVBoxLayout,
     QWidget,
@@ -34,9 +29,12 @@ from napari_stmap.core.display import (
     match_gene,
 )
 
+from ._gene_search import GeneSearch
 from ._heatmaps import Heatmaps
+from ._live_refresh import LiveRefresh
 from ._notify import notify_error
 from ._plots import ColorBar, colormap_rgba
+from ._qt import NameList, button
 from ._session import get_session
 from ._viewer import owned_layer
 
@@ -47,9 +45,6 @@ COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "
 
 class GenesWidget(QWidget):
     """Gene search, heatmap layers, colormap, opacity, scale, contrast and colour bar."""
-
-    #: Emitted from the view worker's thread when a view's blocks are ready (queued to Qt).
-    blocks_ready = Signal()
 
     #: Shortest interval between two refreshes of one layer (ms).
     REFRESH_MS = 200
@@ -69,14 +64,8 @@ class GenesWidget(QWidget):
         self.views = self.heatmaps.views  # layer name -> LiveGeneView
         self._stale = self.heatmaps.pacer.stale  # layer -> since when it has blocks not shown
         self._last_refresh = self.heatmaps.pacer.last
-        self._timer = QTimer(self)
-        self._timer.setInterval(self.POLL_MS)
-        self._timer.timeout.connect(self._on_refresh_timer)
-        self._timer.start()
-        self.blocks_ready.connect(self._on_refresh_timer)  # no polling delay when idle
+        self.live = LiveRefresh(self, self.heatmaps, self.POLL_MS, self.auto_contrast)
         self.session.changed.connect(self._on_session_changed)
-        self.session.tiles_done.connect(self._on_tiles_done)
-        self.session.busy.connect(self._on_session_busy)
         self.session.bins_changed.connect(self._on_bins_changed)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
@@ -90,30 +79,16 @@ class GenesWidget(QWidget):
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)
-        row = QHBoxLayout()
-        self.search = QLineEdit()
-        self.search.setPlaceholderText("gene, e.g. ERBB2")
-        self.search.returnPressed.connect(self._on_add_clicked)
-        self.completer = QCompleter([])
-        self.completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
-        self.completer.setFilterMode(Qt.MatchFlag.MatchContains)
-        self.search.setCompleter(self.completer)
-        self.add_btn = QPushButton("Add heatmap")
-        self.add_btn.clicked.connect(self._on_add_clicked)
-        self.switch_btn = QPushButton("Show in selected")
-        self.switch_btn.setToolTip(
-            "Show this gene in the heatmap selected below instead of adding a layer"
-        )
-        self.switch_btn.clicked.connect(self._on_switch_clicked)
-        for w in (self.search, self.add_btn, self.switch_btn):
-            row.addWidget(w)
-        lay.addLayout(row)
-        self.layer_list = QListWidget()
+        self.gene_search = GeneSearch()
+        self.gene_search.add_requested.connect(self.add_gene)
+        self.gene_search.switch_requested.connect(self.switch_gene)
+        self.search = self.gene_search.search
+        lay.addWidget(self.gene_search)
+        self.layer_list = NameList()
         self.layer_list.setMaximumHeight(110)
         self.layer_list.currentTextChanged.connect(self._on_list_current_changed)
         lay.addWidget(self.layer_list)
-        self.remove_btn = QPushButton("Remove heatmap")
-        self.remove_btn.clicked.connect(self._on_remove_clicked)
+        self.remove_btn = button("Remove heatmap", self._on_remove_clicked)
         lay.addWidget(self.remove_btn)
         form = QFormLayout()
         self.mode_combo = QComboBox()
@@ -131,8 +106,7 @@ class GenesWidget(QWidget):
         self.opacity.valueChanged.connect(self._on_opacity_changed)
         form.addRow("opacity", self.opacity)
         lay.addLayout(form)
-        self.contrast_btn = QPushButton("Contrast from data so far")
-        self.contrast_btn.clicked.connect(self._on_contrast_clicked)
+        self.contrast_btn = button("Contrast from data so far", self._on_contrast_clicked)
         lay.addWidget(self.contrast_btn)
         self.colorbar = ColorBar()
         lay.addWidget(self.colorbar)
@@ -148,39 +122,22 @@ class GenesWidget(QWidget):
 
     def current_layer(self):
         """The heatmap selected in the list (or the last one)."""
-        item = self.layer_list.currentItem()
-        layer = owned_layer(self.viewer, item.text()) if item is not None else None
+        name = self.layer_list.current_name()
+        layer = owned_layer(self.viewer, name) if name is not None else None
         layers = self.gene_layers()
         return layer if layer is not None else (layers[-1] if layers else None)
 
     def _sync_list(self) -> None:
-        names = [layer.name for layer in self.gene_layers()]
-        current = self.layer_list.currentItem().text() if self.layer_list.currentItem() else None
-        self.layer_list.blockSignals(True)
-        self.layer_list.clear()
-        self.layer_list.addItems(names)
-        if names:
-            self.layer_list.setCurrentRow(
-                names.index(current) if current in names else len(names) - 1
-            )
-        self.layer_list.blockSignals(False)
+        self.layer_list.set_names([layer.name for layer in self.gene_layers()])
         self._draw_colorbar()
 
     def _shown(self, layer) -> None:
         """``layer`` was added or updated: list it, select it, set its contrast."""
         self._sync_list()
-        items = self.layer_list.findItems(layer.name, Qt.MatchFlag.MatchExactly)
-        if items:
-            self.layer_list.setCurrentItem(items[0])
+        self.layer_list.select(layer.name)
         self.auto_contrast(layer)
 
     # --- adding / removing -----------------------------------------------------------------
-    def _on_add_clicked(self) -> None:
-        self.add_gene(self.search.text().strip())
-
-    def _on_switch_clicked(self) -> None:
-        self.switch_gene(self.search.text().strip())
-
     def match_gene(self, gene: str) -> str | None:
         """The model's spelling of ``gene`` (any case), else None (with a notification)."""
         match, problem = match_gene(gene, self.session.model_genes)
@@ -284,28 +241,13 @@ class GenesWidget(QWidget):
         """The ``tiles`` that lie (partly) in the view."""
         return self.heatmaps.visible_tiles(tiles)
 
-    def _on_tiles_done(self, tiles) -> None:
-        self.heatmaps.tiles_done(tiles, self.auto_contrast)
-
-    def _on_session_busy(self, busy: bool) -> None:
-        if not busy:  # prediction stopped: show what finished out of view (thumbnails)
-            self.heatmaps.mark_all()
-
     def _wake(self) -> None:
-        """From the view worker's thread: blocks are ready (refresh without waiting a tick)."""
-        with contextlib.suppress(RuntimeError):  # the dock is already deleted
-            self.blocks_ready.emit()
-
-    def _on_refresh_timer(self) -> None:
-        """Refresh the layers whose blocks arrived, coalesced (:meth:`~._heatmaps.Heatmaps.refresh`)."""
-        if self.session.closed:
-            self._timer.stop()
-            return
-        self.heatmaps.refresh()
+        """From the view worker's thread: blocks are ready (see :class:`~._live_refresh.LiveRefresh`)."""
+        self.live.wake()
 
     def _on_session_changed(self, what: str) -> None:
         if what == "model":
-            self.completer.setModel(QStringListModel(self.session.model_genes, self.completer))
+            self.gene_search.set_genes(self.session.model_genes)
         if what == "predictor" and self.session.predictor is not None:
             self._redraw_all()  # the store object changed: rebuild the views
 

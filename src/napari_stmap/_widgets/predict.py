@@ -13,18 +13,15 @@ import logging
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFormLayout,
-    QHBoxLayout,
-    QLabel,
     QProgressBar,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
 from ._bin_runs import BinRuns
 from ._notify import notify_error
+from ._qt import button, combo, debounce, row, status_label
 from ._session import get_session
 from ._viewer import camera_of, viewport_bbox_px
 
@@ -68,10 +65,7 @@ class PredictWidget(QWidget):
         self.pbar = None  # napari progress bar while tiles are pending
         self.bin_runs = BinRuns(self.session, self._view_box)
         self._build()
-        self._debounce = QTimer(self)
-        self._debounce.setSingleShot(True)
-        self._debounce.setInterval(self.DEBOUNCE_MS)
-        self._debounce.timeout.connect(self._on_debounce_timeout)
+        self._debounce = debounce(self, self.DEBOUNCE_MS, self._on_debounce_timeout)
         camera = camera_of(self.viewer)
         camera.events.center.connect(self._on_camera_changed)
         camera.events.zoom.connect(self._on_camera_changed)
@@ -89,10 +83,8 @@ class PredictWidget(QWidget):
     def _build(self) -> None:
         lay = QVBoxLayout(self)
         form = QFormLayout()
-        self.device_combo = QComboBox()
-        self.device_combo.addItem("cpu")
-        self.device_combo.setToolTip("Where the network runs (CUDA / Apple MPS are detected)")
-        self.device_combo.activated.connect(self._on_device_combo_activated)
+        tip = "Where the network runs (CUDA / Apple MPS are detected)"
+        self.device_combo = combo(self._on_device_combo_activated, tip, ["cpu"])
         form.addRow("device", self.device_combo)
         lay.addLayout(form)
         self.follow_check = QCheckBox("Predict what I see (follow the view)")
@@ -101,25 +93,18 @@ class PredictWidget(QWidget):
         )
         self.follow_check.toggled.connect(self._on_follow_toggled)
         lay.addWidget(self.follow_check)
-        row = QHBoxLayout()
-        self.view_btn = QPushButton("Predict view")
-        self.view_btn.clicked.connect(self._on_view_clicked)
-        self.slide_btn = QPushButton("Predict whole slide")
-        self.slide_btn.clicked.connect(self._on_slide_clicked)
-        row.addWidget(self.view_btn)
-        row.addWidget(self.slide_btn)
-        lay.addLayout(row)
+        self.view_btn = button("Predict view", self._on_view_clicked)
+        self.slide_btn = button("Predict whole slide", self._on_slide_clicked)
+        lay.addLayout(row(self.view_btn, self.slide_btn))
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m tiles")
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         lay.addWidget(self.progress)
-        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn = button("Cancel", self._on_cancel_clicked)
         self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self._on_cancel_clicked)
         lay.addWidget(self.cancel_btn)
-        self.status = QLabel("Load a slide and a model in 'Slide & data'.")
-        self.status.setWordWrap(True)
+        self.status = status_label("Load a slide and a model in 'Slide & data'.")
         lay.addWidget(self.status)
         lay.addStretch(1)
 

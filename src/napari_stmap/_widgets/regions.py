@@ -2,11 +2,11 @@
 
 Regions come from every regions Shapes layer (drawn here or opened GeoJSON, e.g. QuPath
 annotations; shapes sharing a ``feature`` are one region, ``hole`` shapes subtract) and the
-spot grid (:mod:`._region_layers`). Their values follow the additive rule
-(:func:`~napari_stmap.core.regions.compute_regions`: the predictor's dense map summed over each
-footprint; with a bin model, :func:`~napari_stmap.core.regions.compute_regions_bins` over the
-session's bin prediction, NaN where a region reaches bins not predicted yet). The table is
-computed in a worker; export writes AnnData or CSV (:mod:`napari_stmap.core.export`).
+spot grid (:mod:`._region_layers`, :mod:`._spot_grid`). Their values follow the additive rule
+(:func:`~napari_stmap.core.regions.compute_regions` over the session's prediction source: a
+dense model's map, or a bin model's prediction, NaN where a region reaches bins not predicted
+yet). The table is computed in a worker; export writes AnnData or CSV
+(:mod:`napari_stmap.core.export`).
 """
 
 from __future__ import annotations
@@ -15,21 +15,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QTableWidget,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QTableWidget, QVBoxLayout, QWidget
 
 from napari_stmap.core.export import write_regions
-from napari_stmap.core.geometry import spot_grid
 from napari_stmap.core.regions import (
     REGION_TIMEOUT_S,
     RegionTable,
@@ -40,16 +28,12 @@ from napari_stmap.core.regions import (
 from ._dialogs import ask_save_path
 from ._notify import notify_error, notify_info
 from ._plots import clear_plot, draw_top_bars, make_canvas
-from ._region_layers import (
-    layer_regions,
-    regions_layer,
-    regions_layers,
-    selected_footprint,
-    show_spot_grid,
-)
+from ._qt import button, debounce, row, status_label
+from ._region_layers import layer_regions, regions_layer, regions_layers
 from ._session import get_session
+from ._spot_grid import SpotGridControls
 from ._tables import fill_table, selected_row
-from ._viewer import ANNOTATION_KINDS, stmap_kind, viewport_bbox_px
+from ._viewer import ANNOTATION_KINDS, stmap_kind
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +51,7 @@ class RegionsWidget(QWidget):
         self._worker = None
         self._again = False
         self._build()
-        self._debounce = QTimer(self)
-        self._debounce.setSingleShot(True)
-        self._debounce.setInterval(self.DEBOUNCE_MS)
-        self._debounce.timeout.connect(self.recompute)
+        self._debounce = debounce(self, self.DEBOUNCE_MS, self.recompute)
         self.viewer.layers.events.inserted.connect(self._on_layers_inserted)
         self.viewer.layers.events.removed.connect(self._on_layers_removed)
         for layer in self.viewer.layers:
@@ -78,49 +59,32 @@ class RegionsWidget(QWidget):
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)
-        self.draw_btn = QPushButton("Draw regions (rectangle / ellipse / polygon)")
-        self.draw_btn.clicked.connect(self._on_draw_clicked)
+        self.draw_btn = button(
+            "Draw regions (rectangle / ellipse / polygon)", self._on_draw_clicked
+        )
         lay.addWidget(self.draw_btn)
-        form = QFormLayout()
-        self.grid_shape = QComboBox()
-        self.grid_shape.addItems(["disk", "square"])
-        self.grid_size = QDoubleSpinBox(
-            decimals=1, minimum=1.0, maximum=5000.0, value=55.0, suffix=" µm"
+        self.spot_grid = SpotGridControls(self.viewer, self.session, self._on_shapes_changed)
+        lay.addWidget(self.spot_grid)
+        grid = self.spot_grid
+        self.grid_shape, self.grid_size, self.grid_pitch = (
+            grid.grid_shape,
+            grid.grid_size,
+            grid.grid_pitch,
         )
-        self.grid_pitch = QDoubleSpinBox(
-            decimals=1, minimum=1.0, maximum=10000.0, value=100.0, suffix=" µm"
-        )
-        row = QHBoxLayout()
-        row.addWidget(self.grid_shape)
-        row.addWidget(self.grid_size)
-        row.addWidget(QLabel("pitch"))
-        row.addWidget(self.grid_pitch)
-        form.addRow("spots", row)
-        lay.addLayout(form)
-        self.grid_btn = QPushButton("Spot grid in selected region (or the view)")
-        self.grid_btn.clicked.connect(self._on_grid_clicked)
-        lay.addWidget(self.grid_btn)
-        row = QHBoxLayout()
         self.values_combo = QComboBox()
         self.values_combo.addItems(["normalised", "counts"])
         self.values_combo.activated.connect(lambda _i: self._fill_table())
-        row.addWidget(QLabel("table"))
-        row.addWidget(self.values_combo)
-        self.update_btn = QPushButton("Update")
-        self.update_btn.clicked.connect(self.recompute)
-        row.addWidget(self.update_btn)
-        lay.addLayout(row)
+        self.update_btn = button("Update", self.recompute)
+        lay.addLayout(row("table", self.values_combo, self.update_btn))
         self.table = QTableWidget()
         self.table.setMinimumHeight(140)
         self.table.itemSelectionChanged.connect(self._on_table_selection_changed)
         lay.addWidget(self.table)
         self.canvas, self.figure = make_canvas(2.2)
         lay.addWidget(self.canvas)
-        self.export_btn = QPushButton("Export .h5ad / .csv…")
-        self.export_btn.clicked.connect(self._on_export_clicked)
+        self.export_btn = button("Export .h5ad / .csv…", self._on_export_clicked)
         lay.addWidget(self.export_btn)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
         lay.addWidget(self.status)
 
     # --- layers ----------------------------------------------------------------------------
@@ -161,39 +125,9 @@ class RegionsWidget(QWidget):
     def _on_shapes_changed(self, event=None) -> None:
         self._debounce.start()
 
-    def _on_grid_clicked(self) -> None:
-        self.make_spot_grid()
-
     def make_spot_grid(self) -> int:
         """Spots of the chosen size/pitch inside the selected region (else the view)."""
-        s = self.session
-        if s.slide is None:
-            notify_error("load a slide in the 'Slide & data' dock first", "spot grid")
-            return 0
-        mpp = s.mpp
-        region = selected_footprint(self.viewer)
-        if region is None:
-            region = viewport_bbox_px(self.viewer, mpp, s.slide.shape_yx)
-        if region is None:
-            notify_error("draw a region or show part of the slide first", "spot grid")
-            return 0
-        size, pitch = self.grid_size.value() / mpp, self.grid_pitch.value() / mpp
-        kind = self.grid_shape.currentText()
-        try:
-            centers, _ = spot_grid(region, size_px=size, pitch_px=pitch, footprint=kind)
-        except Exception as exc:
-            notify_error(exc, "spot grid")
-            return 0
-        if len(centers) == 0:
-            notify_error(
-                "no spot of that size fits in the region; draw a larger one or use smaller spots",
-                "spot grid",
-            )
-            return 0
-        show_spot_grid(self.viewer, centers, size, kind, mpp, s.units)
-        notify_info(f"{len(centers)} {kind} spots of {self.grid_size.value():g} µm")
-        self._debounce.start()
-        return len(centers)
+        return self.spot_grid.make()
 
     # --- computation -----------------------------------------------------------------------
     def regions(self) -> list:

@@ -11,14 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QComboBox,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -37,6 +30,7 @@ from napari_stmap.core.model import read_model_metadata
 from .._layers import spots_layer
 from ._dialogs import ask_open_path
 from ._notify import notify_error, notify_warning
+from ._qt import button, combo, group, refill, row, status_label
 from ._session import get_session
 from ._viewer import PREFIX, owned_layer, replace_layer, show_slide, slide_layers
 
@@ -82,44 +76,27 @@ class SlideDataWidget(QWidget):
     # --- layout ----------------------------------------------------------------------------
     def _build(self) -> None:
         lay = QVBoxLayout(self)
-        box = QGroupBox("H&&E slide")  # "&&": a single & would be a Qt mnemonic
-        form = QFormLayout(box)
-        self.slide_combo = QComboBox()
-        self.slide_combo.setToolTip("Image layers opened with napari-stmap (File > Open)")
-        self.slide_combo.activated.connect(self._on_slide_combo_activated)
-        self.open_slide_btn = QPushButton("Open slide…")
-        self.open_slide_btn.clicked.connect(self._on_open_slide_clicked)
+        box, form = group("H&&E slide")  # "&&": a single & would be a Qt mnemonic
+        tip = "Image layers opened with napari-stmap (File > Open)"
+        self.slide_combo = combo(self._on_slide_combo_activated, tip)
+        self.open_slide_btn = button("Open slide…", self._on_open_slide_clicked)
         form.addRow("layer", self.slide_combo)
         form.addRow(self.open_slide_btn)
         lay.addWidget(box)
-
-        box = QGroupBox("Measured spots / bins (optional)")
-        form = QFormLayout(box)
-        row = QHBoxLayout()
-        self.open_outs_btn = QPushButton("Space Ranger folder…")
-        self.open_outs_btn.clicked.connect(self._on_open_outs_clicked)
-        self.open_h5ad_btn = QPushButton(".h5ad…")
-        self.open_h5ad_btn.clicked.connect(self._on_open_h5ad_clicked)
-        row.addWidget(self.open_outs_btn)
-        row.addWidget(self.open_h5ad_btn)
-        form.addRow(row)
-        self.bin_combo = QComboBox()
-        self.bin_combo.setToolTip("Visium HD: which bin size to read (µm)")
+        box, form = group("Measured spots / bins (optional)")
+        self.open_outs_btn = button("Space Ranger folder…", self._on_open_outs_clicked)
+        self.open_h5ad_btn = button(".h5ad…", self._on_open_h5ad_clicked)
+        form.addRow(row(self.open_outs_btn, self.open_h5ad_btn))
+        tip = "Visium HD: which bin size to read (µm)"
+        self.bin_combo = combo(self._on_bin_combo_activated, tip)
         self.bin_combo.setEnabled(False)
-        self.bin_combo.activated.connect(self._on_bin_combo_activated)
         form.addRow("bin size", self.bin_combo)
         lay.addWidget(box)
-
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.open_model_btn = QPushButton("Open model (.safetensors)…")
-        self.open_model_btn.clicked.connect(self._on_open_model_clicked)
+        box, form = group("Model")
+        self.open_model_btn = button("Open model (.safetensors)…", self._on_open_model_clicked)
         form.addRow(self.open_model_btn)
         lay.addWidget(box)
-
-        self.info = QLabel()
-        self.info.setWordWrap(True)
-        self.info.setTextFormat(Qt.TextFormat.RichText)
+        self.info = status_label(rich=True)
         lay.addWidget(self.info)
         lay.addStretch(1)
         self._buttons = [
@@ -139,13 +116,7 @@ class SlideDataWidget(QWidget):
 
     def _on_layers_changed(self, event=None) -> None:
         names = [layer.name for layer in self._slide_layers()]
-        current = self.slide_combo.currentText()
-        self.slide_combo.blockSignals(True)
-        self.slide_combo.clear()
-        self.slide_combo.addItems(names)
-        if current in names:
-            self.slide_combo.setCurrentText(current)
-        self.slide_combo.blockSignals(False)
+        refill(self.slide_combo, names)
         if self.session.slide is None and names and not self._adding_slide_layer:
             self.use_slide_layer(names[0])  # a slide layer from napari's reader
         self._use_opened_spots()
@@ -238,9 +209,7 @@ class SlideDataWidget(QWidget):
             return None
         if sizes and bin_um is None:
             bin_um = 8.0 if 8.0 in sizes else sizes[0]
-        self.bin_combo.clear()
-        for s in sizes:
-            self.bin_combo.addItem(f"{s:g} µm", s)
+        refill(self.bin_combo, [f"{s:g} µm" for s in sizes], sizes)
         if bin_um is not None and sizes:
             self.bin_combo.setCurrentIndex(sizes.index(bin_um) if bin_um in sizes else 0)
         self.bin_combo.setEnabled(bool(sizes))
