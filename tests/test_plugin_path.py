@@ -201,3 +201,14 @@ def test_journey_from_the_plugins_menu(viewer, qtbot, small_sample, tiny_model, 
     assert set(compare.data.result["scales"]) == {"8", "16"}
     assert compare.table.rowCount() == len(session.model_genes)
     assert not errors, errors
+
+
+def test_reading_measured_data_twice_keeps_one_layer(viewer, qtbot, small_sample, errors):
+    data = _add(viewer, "Slide & data")
+    for bin_um in (8.0, 16.0):
+        worker = data.load_spots(small_sample.outs, bin_um=bin_um)
+        _wait_worker(qtbot, worker)
+        qtbot.waitUntil(lambda b=bin_um: getattr(data.session.spots, "bin_um", None) == b)
+    names = [ly.name for ly in viewer.layers if ly.name.startswith("stmap: measured")]
+    assert names == ["stmap: measured total counts"]
+    assert not errors

@@ -241,7 +241,7 @@ class SlideDataWidget(QWidget):
 
     def _show_spots(self, spots) -> None:
         data, kwargs, kind = spots_layer(spots, name=MEASURED_LAYER)
-        kwargs["visible"] = False
+        kwargs.update(name=MEASURED_LAYER, visible=False)  # one layer, replaced on reload
         replace_layer(self.viewer, kind, data, kwargs, old_name=MEASURED_LAYER)
 
     # --- model -----------------------------------------------------------------------------
