@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from geojson_samples import HOLE, OUTER, _shoelace, assert_same_annotations, qupath_doc
 from napari_stmap._layers import align_shapes_to_slide
 from napari_stmap._reader import napari_get_reader
 from napari_stmap.core.io.regions import read_annotations
-from test_geojson import HOLE, OUTER, _shoelace, assert_same_annotations, qupath_doc
 
 pytest.importorskip("napari")
 
