@@ -2,7 +2,7 @@
 
 1. **Dense vs spot-crop**: every 8 µm bin of a square region predicted by PixNet through the
    engine (``predict_slide`` + summing the 2 µm map into 8 µm bins) vs SpotNet with one crop per
-   bin (``predict_dense.predict_spots``), same ResNet-18 encoder, same device: bins/s and ratio.
+   bin (``predict.spots.predict_spots``), same ResNet-18 encoder, same device: bins/s and ratio.
 2. **Efficiency**: model FLOPs per tile (``torch.utils.flop_counter.FlopCounterMode``) × tiles/s
    ÷ this machine's measured fp32 GEMM peak (``torch.mm``), for the network alone (windows
    already in memory) and end to end (read, resample, infer, write); and their ratio.

@@ -4,7 +4,7 @@ Every 8 µm bin of a square region of a mirror-tiled synthetic slide (as in
 ``bench_engine.py``), all models with the same ResNet-18 encoder, random init, 50 genes:
 
 - ``dense``: PixNet through the engine (``predict_slide``) + summing the 2 µm map into 8 µm bins;
-- ``magnet``: :func:`~napari_stmap.core.model.magnet.predict_bins` at the bin centres, context
+- ``magnet``: :func:`~napari_stmap.core.predict.bins.predict_bins` at the bin centres, context
   tiles encoded once per chunk (the default; HD views 56 / 112 / 256 µm: bin view 112 px at
   0.5 µm/px, context views 64 px at 1.75 and 4 µm/px);
 - ``magnet, per-bin context crops``: the same network with three crops per bin

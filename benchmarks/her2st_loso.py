@@ -5,7 +5,7 @@ For every test section, the other sections train:
 - ``pixnet``: the dense model (``stmap train --arch pixnet`` defaults, random init);
 - ``spotnet``: the spot-crop baseline with the same encoder and the same epochs;
 - any other registered architecture named in ``--models`` (e.g. ``magnet``), trained by
-  :func:`~napari_stmap.core.train.train_model` with the same defaults;
+  :func:`~napari_stmap.core.training.train_model` with the same defaults;
 - ``magnet``: MagNet (views of 112 / 224 / 512 µm, kNN graph of the spots), same encoder and
   epochs, one group of 32 neighbouring spots per step (:data:`ARCH_DEFAULTS`);
 - ``mean``: predict the training mean (per gene, of the normalised expression; constant, so its

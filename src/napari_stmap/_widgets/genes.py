@@ -10,18 +10,11 @@ selected" switches a layer to another gene.
 
 from __future__ import annotations
 
-import logging
-
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFormLayout,
-    QSlider,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFormLayout, QSlider, QVBoxLayout, QWidget
 
 from napari_stmap.core.display import (
+    COLORMAPS,
     MODES,
     colorbar_label,
     gene_layer_name,
@@ -34,13 +27,9 @@ from ._heatmaps import Heatmaps
 from ._live_refresh import LiveRefresh
 from ._notify import notify_error
 from ._plots import ColorBar, colormap_rgba
-from ._qt import NameList, button
+from ._qt import NameList, button, combo, refill
 from ._session import get_session
 from ._viewer import owned_layer
-
-logger = logging.getLogger(__name__)
-
-COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue", "gray")
 
 
 class GenesWidget(QWidget):
@@ -91,14 +80,10 @@ class GenesWidget(QWidget):
         self.remove_btn = button("Remove heatmap", self._on_remove_clicked)
         lay.addWidget(self.remove_btn)
         form = QFormLayout()
-        self.mode_combo = QComboBox()
-        for key, text in MODES.items():
-            self.mode_combo.addItem(text, key)
-        self.mode_combo.activated.connect(self._on_mode_activated)
+        self.mode_combo = combo(self._on_mode_activated)
+        refill(self.mode_combo, list(MODES.values()), list(MODES))
         form.addRow("values", self.mode_combo)
-        self.cmap_combo = QComboBox()
-        self.cmap_combo.addItems(COLORMAPS)
-        self.cmap_combo.activated.connect(self._on_cmap_activated)
+        self.cmap_combo = combo(self._on_cmap_activated, None, COLORMAPS)
         form.addRow("colormap", self.cmap_combo)
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)

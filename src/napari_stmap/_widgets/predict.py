@@ -19,6 +19,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stmap.core.predict import available_devices
+
 from ._bin_runs import BinRuns
 from ._notify import notify_error
 from ._qt import button, combo, debounce, row, status_label
@@ -26,19 +28,6 @@ from ._session import get_session
 from ._viewer import camera_of, viewport_bbox_px
 
 logger = logging.getLogger(__name__)
-
-
-def available_devices() -> list[str]:
-    """Devices torch can use here, best first (imports torch: call lazily)."""
-    import torch
-
-    out = []
-    if torch.cuda.is_available():
-        out += [f"cuda:{i}" if i else "cuda" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    return [*out, "cpu"]
 
 
 def tile_progress(total: int, on_cancel):

@@ -7,24 +7,21 @@ outside the slide, no shared genes). Files are read in workers; nothing blocks t
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
-from qtpy.QtWidgets import (
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from napari_stmap.core.display import (
+    bin_size_choices,
+    gene_overlap_warning,
     inputs_summary,
     model_kind_warning,
-    opened_spots_source,
-    shared_genes,
+    opened_spots,
+    read_spots_checked,
     stmap_meta,
+    unknown_mpp_warning,
 )
 from napari_stmap.core.io.slide import open_slide
-from napari_stmap.core.io.spots import available_bin_sizes, detect_spots_layout, read_spots
 from napari_stmap.core.model import read_model_metadata
 
 from .._layers import spots_layer
@@ -34,27 +31,11 @@ from ._qt import button, combo, group, refill, row, status_label
 from ._session import get_session
 from ._viewer import PREFIX, owned_layer, replace_layer, show_slide, slide_layers
 
-logger = logging.getLogger(__name__)
-
 MEASURED_LAYER = f"{PREFIX}measured total counts"
 
 
 def _read_slide(path: str):
     return open_slide(path)
-
-
-def _read_spots(path: str, bin_um: float | None, slide):
-    """Read spots and check them against the slide; returns (spots, warning texts)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        spots = read_spots(path, bin_um=bin_um)
-        if slide is not None:
-            spots.check_against_image(slide.shape_yx, name=Path(slide.path).name, mpp=slide.mpp)
-    return spots, [str(w.message) for w in caught if "napari_stmap" in str(w.category.__module__)]
-
-
-def _bin_sizes(path: str) -> list[float]:
-    return available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
 
 
 class SlideDataWidget(QWidget):
@@ -111,11 +92,8 @@ class SlideDataWidget(QWidget):
             b.setEnabled(on)
 
     # --- slide -----------------------------------------------------------------------------
-    def _slide_layers(self) -> list:
-        return slide_layers(self.viewer)
-
     def _on_layers_changed(self, event=None) -> None:
-        names = [layer.name for layer in self._slide_layers()]
+        names = [layer.name for layer in slide_layers(self.viewer)]
         refill(self.slide_combo, names)
         if self.session.slide is None and names and not self._adding_slide_layer:
             self.use_slide_layer(names[0])  # a slide layer from napari's reader
@@ -125,11 +103,9 @@ class SlideDataWidget(QWidget):
         """Use measured bins that napari's reader opened (File > Open Folder), if none yet."""
         if self.session.spots is not None or self._reading_spots:
             return
-        for layer in self.viewer.layers:
-            source = opened_spots_source(stmap_meta(layer))
-            if source is not None and layer.name != MEASURED_LAYER:
-                self.load_spots(source, bin_um=stmap_meta(layer).get("bin_um"), show=False)
-                return
+        found = opened_spots(self.viewer.layers, skip=MEASURED_LAYER)
+        if found is not None:
+            self.load_spots(found[0], bin_um=found[1], show=False)
 
     def _on_slide_combo_activated(self, index: int) -> None:
         self.use_slide_layer(self.slide_combo.itemText(index))
@@ -166,11 +142,9 @@ class SlideDataWidget(QWidget):
                     name = show_slide(self.viewer, slide)
                 finally:
                     self._adding_slide_layer = False
-            if slide.mpp_source == "fallback":
-                notify_warning(
-                    f"{Path(path).name}: µm/px is unknown; the world is in pixels and spot sizes "
-                    "are wrong. Re-save the slide with its resolution (OME-TIFF) or pass --mpp."
-                )
+            warning = unknown_mpp_warning(slide, Path(path).name)
+            if warning is not None:
+                notify_warning(warning)
             self.session.set_slide(slide, name)
 
         return self.session.run(
@@ -203,12 +177,10 @@ class SlideDataWidget(QWidget):
         """
         path = str(path)
         try:
-            sizes = _bin_sizes(path)
+            sizes, bin_um = bin_size_choices(path, bin_um)
         except Exception as exc:
             notify_error(exc, "reading the measured data")
             return None
-        if sizes and bin_um is None:
-            bin_um = 8.0 if 8.0 in sizes else sizes[0]
         refill(self.bin_combo, [f"{s:g} µm" for s in sizes], sizes)
         if bin_um is not None and sizes:
             self.bin_combo.setCurrentIndex(sizes.index(bin_um) if bin_um in sizes else 0)
@@ -226,7 +198,7 @@ class SlideDataWidget(QWidget):
             self._check_overlap()
 
         return self.session.run(
-            _read_spots,
+            read_spots_checked,
             path,
             bin_um,
             self.session.slide,
@@ -266,13 +238,9 @@ class SlideDataWidget(QWidget):
 
     def _check_overlap(self) -> None:
         s = self.session
-        if s.spots is None or not s.model_genes:
-            return
-        if not shared_genes(s.model_genes, s.spots.genes):
-            notify_warning(
-                "none of the model's genes is measured in the loaded data: check that the gene "
-                "names use the same convention (symbols vs Ensembl ids)"
-            )
+        warning = None if s.spots is None else gene_overlap_warning(s.model_genes, s.spots.genes)
+        if warning is not None:
+            notify_warning(warning)
 
     # --- summary ---------------------------------------------------------------------------
     def _on_session_changed(self, what: str) -> None:

@@ -76,6 +76,13 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _add_region(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--region Y0 X0 Y1 X1``: a box in level-0 px of the slide (floats, None if not given)."""
+    parser.add_argument(
+        "--region", type=float, nargs=4, metavar=("Y0", "X0", "Y1", "X1"), help=help_text
+    )
+
+
 class _progress:
     """Context manager yielding a ``progress(done, total)`` callback backed by tqdm (stderr)."""
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import StmapInputError
-from .common import _progress
+from .common import _add_region, _progress
 
 __all__ = ["_add_aggregate", "_add_predict", "cmd_aggregate", "cmd_predict"]
 
@@ -37,13 +37,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--slide", type=Path, action="append", default=[], help="slide (repeat)")
     p.add_argument("--manifest", type=Path, help="CSV with columns slide,out (a cohort)")
     p.add_argument("--out", type=Path, help="store (.zarr) for one slide, or a folder for many")
-    p.add_argument(
-        "--region",
-        type=float,
-        nargs=4,
-        metavar=("Y0", "X0", "Y1", "X1"),
-        help="only this box (level-0 px)",
-    )
+    _add_region(p, "only this box (level-0 px)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps; default cpu")
     p.add_argument(
         "--scheduler",
@@ -155,13 +149,7 @@ def _add_aggregate(sub) -> None:
     p.add_argument("--pitch", type=float, default=None, help="grid pitch in µm (default: size)")
     p.add_argument("--footprint", choices=["disk", "square"], default="square")
     p.add_argument("--hexagonal", action="store_true", help="Visium-like hexagonal grid")
-    p.add_argument(
-        "--region",
-        type=float,
-        nargs=4,
-        metavar=("Y0", "X0", "Y1", "X1"),
-        help="grid only inside this box (level-0 px); default: the tissue",
-    )
+    _add_region(p, "grid only inside this box (level-0 px); default: the tissue")
     p.add_argument("--out", type=Path, required=True, help="output .h5ad or .csv")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(

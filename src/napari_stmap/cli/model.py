@@ -1,5 +1,5 @@
-"""``stmap train`` and ``stmap evaluate``: thin calls into :mod:`napari_stmap.core.train` and
-:mod:`napari_stmap.core.evaluate`.
+"""``stmap train`` and ``stmap evaluate``: thin calls into :mod:`napari_stmap.core.training`
+and :mod:`napari_stmap.core.evaluate`.
 
 Registered in :mod:`napari_stmap.cli` through :func:`_add_train` and :func:`_add_evaluate`.
 Torch is imported only when a command runs.

@@ -3,13 +3,15 @@
 Layers the plugin owns are named ``stmap: …`` (:data:`LAYER_PREFIX`) and carry
 ``metadata["stmap"]`` (``kind``: ``"gene"``, ``"regions"``, ``"spot grid"``, …). A heatmap's
 placement in the viewer's world (µm) comes from its :class:`~napari_stmap.core.geometry.MapGrid`
-(level-0 px) and the slide's µm/px. The docks (``napari_stmap._widgets``) only display what
-these functions return; they are tested here without a viewer.
+(level-0 px) and the slide's µm/px. Measured data for the Slide & data dock is read here too,
+its warnings kept as text (:func:`read_spots_checked`). The docks (``napari_stmap._widgets``)
+only display what these functions return; they are tested here without a viewer.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,28 +19,35 @@ from typing import Any
 import numpy as np
 
 from .geometry import MapGrid
+from .io.spots import DEFAULT_HD_BIN_UM, Spots, available_bin_sizes, detect_spots_layout, read_spots
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANNOTATION_KINDS",
+    "COLORMAPS",
     "LAYER_PREFIX",
     "MODES",
     "RefreshPacer",
+    "bin_size_choices",
     "colorbar_label",
     "contrast_from_view",
     "gene_layer_name",
+    "gene_overlap_warning",
     "grid_placement",
     "inputs_summary",
     "is_bins_layer",
     "is_gene_layer",
     "match_gene",
     "model_kind_warning",
+    "opened_spots",
     "opened_spots_source",
     "percentile_limits",
+    "read_spots_checked",
     "shared_genes",
     "stmap_kind",
     "stmap_meta",
+    "unknown_mpp_warning",
     "view_box_px",
 ]
 
@@ -54,6 +63,9 @@ MODES = {
     "normalised": "normalised  log1p(1e4·gene/total)",
     "absolute": "absolute (expected counts)",
 }
+
+#: Colormaps the Genes dock offers, the default first.
+COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue", "gray")
 
 
 # ------------------------------------------------------------------------ layer metadata
@@ -239,9 +251,29 @@ def inputs_summary(
     return lines
 
 
+def unknown_mpp_warning(slide: Any, name: str) -> str | None:
+    """The warning for the slide file ``name`` if its µm/px is unknown (a fallback), else None."""
+    if slide.mpp_source != "fallback":
+        return None
+    return (
+        f"{name}: µm/px is unknown; the world is in pixels and spot sizes "
+        "are wrong. Re-save the slide with its resolution (OME-TIFF) or pass --mpp."
+    )
+
+
 def shared_genes(model_genes: Sequence[str], measured_genes: Sequence[Any]) -> set[str]:
     """Genes both predicted by the model and measured (names compared as text)."""
     return set(model_genes) & set(map(str, measured_genes))
+
+
+def gene_overlap_warning(model_genes: Sequence[str], measured_genes: Sequence[Any]) -> str | None:
+    """The warning when none of the model's genes is measured, or None (also without genes)."""
+    if not model_genes or shared_genes(model_genes, measured_genes):
+        return None
+    return (
+        "none of the model's genes is measured in the loaded data: check that the gene "
+        "names use the same convention (symbols vs Ensembl ids)"
+    )
 
 
 def model_kind_warning(meta: dict, name: str) -> str | None:
@@ -267,3 +299,61 @@ def opened_spots_source(meta: dict) -> Path | None:
     if source.parent.name == "binned_outputs":
         source = source.parent.parent
     return source
+
+
+def opened_spots(layers: Sequence[Any], *, skip: str) -> tuple[Path, float | None] | None:
+    """The first measured-spots layer napari's reader opened: what to read and its bin size.
+
+    ``(source, bin_um)`` (see :func:`opened_spots_source`; ``bin_um`` in µm, None if not
+    recorded) of the first layer not named ``skip`` (the plugin's own layer), else None.
+    """
+    for layer in layers:
+        source = opened_spots_source(stmap_meta(layer))
+        if source is not None and layer.name != skip:
+            return source, stmap_meta(layer).get("bin_um")
+    return None
+
+
+# -------------------------------------------------------------------- reading measured data
+def bin_size_choices(
+    path: str | Path, bin_um: float | None = None
+) -> tuple[list[float], float | None]:
+    """Visium HD bin sizes at ``path`` (µm; ``[]`` for other layouts) and the size to read.
+
+    The size to read is ``bin_um`` when given, else 8 µm when present, else the first size
+    (None for other layouts).
+    """
+    sizes = available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
+    if sizes and bin_um is None:
+        bin_um = DEFAULT_HD_BIN_UM if DEFAULT_HD_BIN_UM in sizes else sizes[0]
+    return sizes, bin_um
+
+
+def read_spots_checked(
+    path: str | Path, bin_um: float | None = None, slide: Any = None
+) -> tuple[Spots, list[str]]:
+    """Read measured spots/bins and check them against ``slide``; the warnings as texts.
+
+    Parameters
+    ----------
+    path : str or Path
+        Space Ranger outs, a Visium HD run folder or a spatial .h5ad.
+    bin_um : float, optional
+        Visium HD bin size, µm.
+    slide : Slide, optional
+        The slide the spots lie on (``shape_yx`` level-0 px (H, W), ``path``, ``mpp``).
+
+    Returns
+    -------
+    spots : Spots
+        What :func:`~napari_stmap.core.io.spots.read_spots` read.
+    texts : list of str
+        napari-stmap's warnings while reading and checking (e.g. bins outside the slide), for
+        a dock to show; other libraries' warnings are dropped.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spots = read_spots(path, bin_um=bin_um)
+        if slide is not None:
+            spots.check_against_image(slide.shape_yx, name=Path(slide.path).name, mpp=slide.mpp)
+    return spots, [str(w.message) for w in caught if "napari_stmap" in str(w.category.__module__)]

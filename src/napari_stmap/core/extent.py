@@ -86,26 +86,21 @@ def check_box_on_slide(
         The box is empty (``y1 <= y0`` or ``x1 <= x0``) or lies outside the slide.
     """
     y0, x0, y1, x1 = (float(v) for v in bbox_yx)
+    named = f"{what} ({box_text(bbox_yx, 'yx')})"
     extent = f"the slide {slide} ({box_text(_slide_box(shape_yx), 'yx')})"
-    if not (y1 > y0 and x1 > x0):
-        msg = (
-            f"{what} ({box_text(bbox_yx, 'yx')}) is empty: give Y0 X0 Y1 X1 in level-0 px "
-            "with Y1 > Y0 and X1 > X0"
-        )
-        raise StmapInputError(msg)
-    kind = overlap_kind(bbox_yx, shape_yx)
-    if kind == "outside":
-        msg = (
-            f"{what} ({box_text(bbox_yx, 'yx')}) lies outside {extent}; give Y0 X0 Y1 X1 in "
-            f"level-0 px of this slide (`stmap info {slide}` shows its size)"
-        )
+    kind = overlap_kind(bbox_yx, shape_yx) if y1 > y0 and x1 > x0 else "empty"
+    refusals = {
+        "empty": "is empty: give Y0 X0 Y1 X1 in level-0 px with Y1 > Y0 and X1 > X0",
+        "outside": f"lies outside {extent}; give Y0 X0 Y1 X1 in level-0 px of this slide "
+        f"(`stmap info {slide}` shows its size)",
+    }
+    if kind in refusals:
+        msg = f"{named} {refusals[kind]}"
         raise StmapInputError(msg)
     clipped = _clip(bbox_yx, shape_yx)
     if kind == "partly":
-        msg = (
-            f"{what} ({box_text(bbox_yx, 'yx')}) reaches past {extent}; "
-            f"using its part on the slide ({box_text(clipped, 'yx')})"
-        )
+        on_slide = box_text(clipped, "yx")
+        msg = f"{named} reaches past {extent}; using its part on the slide ({on_slide})"
         warnings.warn(msg, StmapInputWarning, stacklevel=2)
     return clipped
 

@@ -7,7 +7,7 @@ Three pixel frames appear here, all with axis order (y, x):
 - **model px**: the slide resampled to the model's ``mpp``. Model pixel ``(i, j)`` covers
   level-0 px ``[i·f, (i+1)·f) × [j·f, (j+1)·f)`` with ``f = model_mpp / slide_mpp``, so model
   px 0 starts at level-0 px 0 whatever region is planned (as in
-  :mod:`~napari_stmap.core.predict_dense`);
+  :func:`~napari_stmap.core.io.slide.read_at_mpp`);
 - **output px**: the model's output at stride ``s``; output pixel ``(p, q)`` of a plan covers
   model px ``[Y0 + p·s, Y0 + (p+1)·s)`` (likewise for x), ``(Y0, X0)`` being the plan's origin.
 

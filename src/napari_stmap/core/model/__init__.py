@@ -11,7 +11,7 @@ Modules: :mod:`.base` (:class:`StmapModel` and the constructor all architectures
 :mod:`.encoder` (timm), :mod:`.checkpoint` (model files). Architectures: ``pixnet`` (dense
 maps, :mod:`.pixnet`), ``spotnet`` (spot-crop baseline, :mod:`.spotnet`), ``magnet``
 (multi-magnification bins + neighbour graph, :mod:`.magnet`; its slide reading and inference
-live in :mod:`napari_stmap.core.bins`), plus the test presets ``pixnet_tiny`` /
+live in :mod:`napari_stmap.core.predict.bins`), plus the test presets ``pixnet_tiny`` /
 ``spotnet_tiny`` / ``magnet_tiny``. timm is always imported through
 :func:`._torchvision_compat.import_timm`.
 """

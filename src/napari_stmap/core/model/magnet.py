@@ -20,7 +20,7 @@ Wiring, for N bins (``input_kind = "bins"``: bin centres in, one vector per bin 
 px. The head is pointwise on ``e``, as the model contract asks; the per-level means of the
 Transformer's tokens give one prediction per level (``forward_levels``), used by the
 cross-level consistency term of the loss (``consistency_weight``, see
-:mod:`napari_stmap.core.train_magnet`).
+:mod:`napari_stmap.core.training.magnet`).
 
 What differs from the paper (and why)
 -------------------------------------
@@ -36,8 +36,8 @@ What differs from the paper (and why)
   view around every view, in training and in inference alike, so the network is trained on
   what it sees at inference. With an encoder whose receptive field is its own cell, both
   paths agree exactly for views aligned to the encoder stride (tested);
-  :func:`~napari_stmap.core.bins.predict_bins` with ``shared_context=False`` runs the per-bin
-  crop path.
+  :func:`~napari_stmap.core.predict.bins.predict_bins` with ``shared_context=False`` runs the
+  per-bin crop path.
 - Bins of one training batch are neighbours (an anchor bin and its nearest bins), so the kNN
   graph is meaningful; inference uses the kNN graph of all bins passed. Every level uses the
   graph of the bins (the paper builds separate graphs of its context patches); its
@@ -47,8 +47,8 @@ What differs from the paper (and why)
   precomputed by a frozen network: ``context_encoder="frozen"`` with pretrained weights).
 - Outputs follow the project's value rule: non-negative expected counts of the bin (softplus),
   normalised expression computed from them; trained on counts × reference area / bin area
-  (like SpotNet), and :func:`~napari_stmap.core.bins.predict_bins` scales back by each bin's
-  area.
+  (like SpotNet), and :func:`~napari_stmap.core.predict.bins.predict_bins` scales back by each
+  bin's area.
 
 Defaults: views of 56 / 112 / 256 µm (the paper's 112 / 224 / 512 px at 0.5 µm/px); the
 bin view at the model's µm/px, the context views at 64 px each (1.75 and 4 µm/px).

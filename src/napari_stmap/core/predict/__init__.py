@@ -30,7 +30,7 @@ from .bins import (
 )
 from .cohort import model_cache_info, predict_cohort, predict_slide
 from .dense import map_region, predict_map, region_spec
-from .device import dihedral_embed
+from .device import available_devices, dihedral_embed
 from .live_view import DEFAULT_LIVE_CACHE_BYTES, LiveGeneView, ViewWorker
 from .pipeline import embed_windows, shutdown_io_pool
 from .predictor import DISPLAY_MASK_MARGIN_UM, Predictor, ensure_region
@@ -62,6 +62,7 @@ __all__ = [
     "StoreSource",
     "ViewWorker",
     "as_source",
+    "available_devices",
     "bin_lattice",
     "bin_raster",
     "combine_parts",

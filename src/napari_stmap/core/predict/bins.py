@@ -227,18 +227,14 @@ def predict_bin_region(
 
     Parameters
     ----------
-    model : MagNet
-        A bin model (``input_kind == "bins"``).
-    slide : Slide
-        The slide.
+    model, slide, device, batch_size
+        As for :func:`predict_bins` (a bin model, its slide, where and how many per pass).
     bbox_yx : sequence of float, optional
         Level-0 px ``(y0, x0, y1, x1)``; None: the whole slide.
     bin_um : float, optional
         Bin side, µm (default :func:`model_bin_um`).
     tissue : TissueMask, optional
         Only bins touching tissue (e.g. :func:`~napari_stmap.core.tiling.tissue_mask`).
-    device, batch_size
-        As for :func:`predict_bins`.
     progress : callable, optional
         ``progress(done, total)`` over chunks of bins.
     cancelled : callable, optional

@@ -11,10 +11,31 @@ from typing import Any
 
 from ..errors import StmapInputError
 
-__all__ = ["PRECISIONS", "as_model", "autocast", "dihedral_embed", "ready_model", "torch_device"]
+__all__ = [
+    "PRECISIONS",
+    "as_model",
+    "autocast",
+    "available_devices",
+    "dihedral_embed",
+    "ready_model",
+    "torch_device",
+]
 
 #: Autocast precisions a GPU can run (the CPU always runs fp32).
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use here, best first: ``cuda`` (``cuda:1``, …), ``mps``, then ``cpu``."""
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" if i else "cuda" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return [*out, "cpu"]
 
 
 def torch_device(device: Any) -> Any:

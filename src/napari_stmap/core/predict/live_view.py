@@ -171,12 +171,8 @@ class LiveGeneView:
 
     Parameters
     ----------
-    source : Predictor, PredictionStore or path of a store
-        Where the embeddings are.
-    gene : str or int
-        Gene name (or ``"total"``) or output channel index.
-    mode : {"normalised", "absolute"}
-        As :func:`~.views.gene_view`.
+    source, gene, mode
+        Where the embeddings are, which gene and which values: as :func:`~.views.gene_view`.
     worker : ViewWorker
         Computes the blocks (shared by the views of one GUI).
     background : float

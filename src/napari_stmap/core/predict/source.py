@@ -223,8 +223,52 @@ def _crop_level(
     return normalised_map(counts[0], counts[1]), grid
 
 
+# ============================================================================ both sources
+class _Source:
+    """The public methods both sources share, over two hooks each source implements.
+
+    ``_footprint_sums(fps, progress)``: counts ``(n, G + 1)`` of a list of footprints;
+    ``_raster(gene, mode, bbox_yx, level)``: one gene's raster and grid (``mode`` checked).
+    """
+
+    output_names: list[str]
+
+    def region_sums(self, regions: Any, *, progress: Progress = None) -> np.ndarray:
+        """Counts ``(n, G + 1)`` of regions or footprints (see :class:`PredictionSource`).
+
+        Regions' parts are combined with their signs; the footprints are summed by the
+        source's ``_footprint_sums`` (see each source).
+        """
+        n_out = len(self.output_names)
+        return _summed(regions, n_out, lambda fps: self._footprint_sums(fps, progress))
+
+    def gene_raster(
+        self,
+        gene: str,
+        *,
+        mode: str = "normalised",
+        bbox_yx: Sequence[float] | None = None,
+        level: int = 0,
+    ) -> tuple[np.ndarray, MapGrid]:
+        """One gene's raster ``(h, w)`` float32 and its grid (see :class:`PredictionSource`).
+
+        Refuses a mode other than ``"normalised"`` / ``"absolute"``; the raster comes from
+        the source's ``_raster`` (see each source).
+        """
+        check_mode(mode)
+        return self._raster(gene, mode, bbox_yx, level)
+
+    def _footprint_sums(self, fps: list[Footprint], progress: Progress) -> np.ndarray:
+        raise NotImplementedError
+
+    def _raster(
+        self, gene: str, mode: str, bbox_yx: Sequence[float] | None, level: int
+    ) -> tuple[np.ndarray, MapGrid]:
+        raise NotImplementedError
+
+
 # =========================================================================== dense stores
-class StoreSource:
+class StoreSource(_Source):
     """A dense model's prediction: a store, with tiles predicted on demand.
 
     Parameters
@@ -286,36 +330,26 @@ class StoreSource:
             batch_size=self.batch_size,
         )
 
-    def region_sums(self, regions: Any, *, progress: Progress = None) -> np.ndarray:
-        """Counts ``(n, G + 1)`` of regions or footprints (see :class:`PredictionSource`).
+    def _footprint_sums(self, fps: list[Footprint], progress: Progress) -> np.ndarray:
+        """Counts ``(n, G + 1)`` of footprints, summed block by block (``block_px``).
 
-        Footprints are summed block by block (``block_px``); tiles a block needs are
-        predicted first; a footprint on skipped tiles adds ``background``.
-        ``progress(done, total)`` counts blocks.
+        Tiles a block needs are predicted first; a footprint on skipped tiles adds
+        ``background``. ``progress(done, total)`` counts blocks.
         """
+        out = np.zeros((len(fps), len(self.output_names)), dtype=np.float64)
+        blocks = _spatial_blocks(fps, self.block_px)
+        for k, idx in enumerate(blocks):
+            part = [fps[i] for i in idx]
+            dense, grid = self.ensure_region(_union_bbox(part))
+            out[idx] = aggregate(dense, grid, weight_matrix(part, grid))
+            if progress is not None:
+                progress(k + 1, len(blocks))
+        return out
 
-        def sums(fps: list[Footprint]) -> np.ndarray:
-            out = np.zeros((len(fps), len(self.output_names)), dtype=np.float64)
-            blocks = _spatial_blocks(fps, self.block_px)
-            for k, idx in enumerate(blocks):
-                part = [fps[i] for i in idx]
-                dense, grid = self.ensure_region(_union_bbox(part))
-                out[idx] = aggregate(dense, grid, weight_matrix(part, grid))
-                if progress is not None:
-                    progress(k + 1, len(blocks))
-            return out
-
-        return _summed(regions, len(self.output_names), sums)
-
-    def gene_raster(
-        self,
-        gene: str,
-        *,
-        mode: str = "normalised",
-        bbox_yx: Sequence[float] | None = None,
-        level: int = 0,
+    def _raster(
+        self, gene: str, mode: str, bbox_yx: Sequence[float] | None, level: int
     ) -> tuple[np.ndarray, MapGrid]:
-        """A gene's raster from the store as it is (see :class:`PredictionSource`).
+        """A gene's raster from the store as it is.
 
         The network never runs: NaN where tiles are not predicted yet, ``background`` on
         skipped ones. Levels as :func:`~napari_stmap.core.predict.views.gene_view`.
@@ -352,7 +386,7 @@ class StoreSource:
 
 
 # =================================================================================== bins
-class BinSource:
+class BinSource(_Source):
     """A bin model's prediction (MagNet): bins on a lattice, and the model for new centres.
 
     Parameters
@@ -399,39 +433,29 @@ class BinSource:
             return list(self.prediction.output_names)
         return list(getattr(self.model, "output_names", None) or [*self.model.genes, "total"])
 
-    def region_sums(self, regions: Any, *, progress: Progress = None) -> np.ndarray:
-        """Counts ``(n, G + 1)`` of regions or footprints (see :class:`PredictionSource`).
+    def _footprint_sums(self, fps: list[Footprint], progress: Progress) -> np.ndarray:
+        """Counts ``(n, G + 1)`` of footprints from the predicted bins; no network run.
 
-        No network run: each bin partly inside a footprint adds that fraction of its counts
+        Each bin partly inside a footprint adds that fraction of its counts
         (:meth:`~napari_stmap.core.predict.bins.BinPrediction.region_sums`); a footprint
         reaching lattice bins without a prediction inside the predicted bins' extent is NaN,
         one wholly outside that extent 0; without any prediction all are NaN. ``progress``
         gets ``(1, 1)``.
         """
+        if self.prediction is None:
+            return np.full((len(fps), len(self.output_names)), np.nan)
+        out = self.prediction.region_sums(fps)
+        if progress is not None:
+            progress(1, 1)
+        return out
 
-        def sums(fps: list[Footprint]) -> np.ndarray:
-            if self.prediction is None:
-                return np.full((len(fps), len(self.output_names)), np.nan)
-            out = self.prediction.region_sums(fps)
-            if progress is not None:
-                progress(1, 1)
-            return out
-
-        return _summed(regions, len(self.output_names), sums)
-
-    def gene_raster(
-        self,
-        gene: str,
-        *,
-        mode: str = "normalised",
-        bbox_yx: Sequence[float] | None = None,
-        level: int = 0,
+    def _raster(
+        self, gene: str, mode: str, bbox_yx: Sequence[float] | None, level: int
     ) -> tuple[np.ndarray, MapGrid]:
-        """A gene's raster, one pixel per bin (see :class:`PredictionSource`).
+        """A gene's raster, one pixel per bin.
 
         Without a prediction: one NaN pixel of the model's bin size at the origin.
         """
-        check_mode(mode)
         pred = self.prediction
         if pred is None:
             side = model_bin_um(self.model) / float(getattr(self.slide, "mpp", 1.0) or 1.0)
