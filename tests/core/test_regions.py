@@ -147,11 +147,6 @@ def test_spot_regions_are_the_spot_grid(source, dense):
     np.testing.assert_allclose(disk_table.area_um2, area, rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compute_regions([]) raises ValueError: combine_parts (core/predict/source.py) "
-    "reshapes an empty (0, G + 1) array with (0, -1); expected an empty table",
-)
 def test_no_regions_give_an_empty_table(source):
     table = _table(source, [])
     assert table.counts.shape == (0, len(GENES) + 1) and table.names == []

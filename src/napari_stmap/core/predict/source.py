@@ -162,7 +162,8 @@ def combine_parts(
 
     Each part adds ``sign · value`` to its group (holes subtract); NaN parts make NaN regions.
     """
-    values = np.asarray(values, dtype=np.float64).reshape(len(signs), -1)
+    values = np.asarray(values, dtype=np.float64)
+    values = values.reshape(len(signs), values.shape[-1] if values.size == 0 else -1)
     out = np.zeros((n_groups, values.shape[1]), dtype=np.float64)
     np.add.at(out, np.asarray(groups), values * np.asarray(signs, dtype=np.float64)[:, None])
     return out
