@@ -149,9 +149,9 @@ def test_dock_sums_subtract_holes():
 
 
 def test_moved_regions_layer_writes_where_it_is_shown(tmp_path):
+    import napari
     from napari.layers import Layer
 
-    import napari
     from napari_stmap._layers import annotations_layer
     from napari_stmap.core.geometry import Rectangle
     from napari_stmap.core.io.regions import Annotation
