@@ -378,15 +378,28 @@ def _add_evaluate(sub) -> None:
         default=None,
         help="only the K model genes with the highest mean measured count",
     )
+    p.add_argument(
+        "--pred",
+        type=Path,
+        default=None,
+        metavar="STORE.zarr",
+        help="score from this prediction store of the model on the slide (from stmap predict "
+        "or the viewer; or the folder of the viewer's stores): the network runs only for "
+        "tiles the store lacks, and writes them into it (a missing store is created); a "
+        "store of another model or slide is refused; not with --tta (a store is single-pass)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps; default cpu")
     p.add_argument(
-        "--tile-px", type=int, default=1024, help="dense prediction tile (model px); default 1024"
+        "--tile-px",
+        type=int,
+        default=None,
+        help="dense prediction tile (model px); default 1024 (with --pred: the store's)",
     )
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument(
         "--tta",
         action="store_true",
-        help="average each tile or crop over its 8 turns and flips (8x slower)",
+        help="average each tile or crop over its 8 turns and flips (8x slower; not with --pred)",
     )
     p.add_argument(
         "--threads",
@@ -398,7 +411,7 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    """``stmap evaluate --model M --slide S --spots P --json OUT.json``."""
+    """``stmap evaluate --model M --slide S --spots P [--pred STORE.zarr] --json OUT.json``."""
     import torch
 
     from ..core.evaluate import evaluate_model, format_table
@@ -406,17 +419,22 @@ def cmd_evaluate(args) -> int:
 
     check_device(args.device)
     torch.set_num_threads(int(args.threads or available_threads()))
-    with _progress("evaluate (TTA x8)" if args.tta else "evaluate", unit="spot") as progress:
+    if args.pred is not None:
+        desc, unit, tile_px = "evaluate (store)", "block", args.tile_px
+    else:
+        desc, unit, tile_px = "evaluate (TTA x8)" if args.tta else "evaluate", "spot", 1024
+    with _progress(desc, unit=unit) as progress:
         result = evaluate_model(
             args.model,
             args.slide,
             args.spots,
             args.bin_um,
             slide_mpp=args.mpp,
+            store=args.pred,
             truth=args.truth,
             top_k=args.top_k,
             device=args.device,
-            tile_px=args.tile_px,
+            tile_px=args.tile_px or tile_px,
             tta=args.tta,
             progress=progress,
         )

@@ -20,6 +20,14 @@ transcripts of the unit (all genes of the matrix), predicted total = the model's
 counts (at the model's reference depth) with measured counts scaled to that depth by the test
 slide's own depth factor (see :func:`~napari_stmap.core.measured.depth_factors`); they are
 reported under ``"absolute"``.
+
+Scoring from a prediction store
+-------------------------------
+:func:`evaluate_store` scores a dense model's units from its prediction store (``stmap
+evaluate --pred``) through :meth:`~napari_stmap.core.predict.StoreSource.unit_predictions`,
+the path the Compare dock takes (:func:`~napari_stmap.core.compare.store_predictions`): the
+network runs only for tiles the store lacks, and writes them into it. The metrics equal those
+of :func:`evaluate_measured` up to the store's float16 embeddings.
 """
 
 from __future__ import annotations
@@ -39,14 +47,17 @@ from .geometry import MapGrid
 from .io.slide import Slide, open_slide
 from .measured import Measured, Units, load_measured, scale_key, spot_density
 from .metrics import evaluate_expression
-from .predict import predict_units, spot_footprints, unit_spots
+from .predict import Predictor, StoreSource, predict_units, spot_footprints, unit_spots
+from .store import model_hash, read_store_meta, slide_identity, store_path_for
 from .synthetic import TRUTH_GRID_UM, load_synthetic, truth_density
 
 __all__ = [
     "METRIC_KEYS",
     "evaluate_measured",
     "evaluate_model",
+    "evaluate_store",
     "format_table",
+    "store_for_evaluation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -277,24 +288,205 @@ def evaluate_model(
     scales_um: Sequence[float] | None = None,
     *,
     slide_mpp: float | None = None,
+    store: str | Path | None = None,
     **kw: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_measured` after opening the slide and reading the spots.
 
     ``model`` may be a path to a ``.safetensors`` model file. ``result["data"]["slide"]``
-    records the slide path.
+    records the slide path. With ``store`` (a prediction store, or a folder of them, see
+    :func:`store_for_evaluation`) the units are scored from the store instead
+    (:func:`evaluate_store`; ``tta`` is refused there); ``result["data"]["store"]`` records it.
     """
+    if store is not None and kw.get("tta"):
+        msg = (
+            f"--tta cannot use the prediction store {store}: a store holds single-pass "
+            "embeddings (one per tile, no turns or flips); drop --tta to score the store, "
+            "or --pred to evaluate with TTA"
+        )
+        raise StmapInputError(msg)
+    model_path = None
     if isinstance(model, (str, Path)):
         from .model import load_model  # torch: only when a model file is given
 
-        path = model
-        model = load_model(path, device=kw.get("device", "cpu"))
-        model.metadata["path"] = str(path)
+        model_path = Path(model)
+        model = load_model(model_path, device=kw.get("device", "cpu"))
+        model.metadata["path"] = str(model_path)
     sl = slide if isinstance(slide, Slide) else open_slide(slide, mpp=slide_mpp)
+    if store is not None:  # refuse a foreign store before reading the spots
+        store = store_for_evaluation(store, model, sl, model_path=model_path)
     measured = load_measured(spots, scales_um=scales_um, slide=sl)
-    result = evaluate_measured(model, sl, measured, scales_um, **kw)
+    if store is None:
+        result = evaluate_measured(model, sl, measured, scales_um, **kw)
+    else:
+        kw.pop("tta", None)
+        result = evaluate_store(model, sl, measured, store, scales_um, model_path=model_path, **kw)
     result["data"]["slide"] = str(sl.path)
     return result
+
+
+# -------------------------------------------------------------------------- from a store
+def store_for_evaluation(
+    store: str | Path, model: Any, slide: Slide, *, model_path: str | Path | None = None
+) -> Path:
+    """The prediction store to score ``model`` on ``slide`` from, checked; nothing is written.
+
+    Parameters
+    ----------
+    store : str or Path
+        A store folder (``*.zarr``; it may not exist yet: :func:`evaluate_store` creates it),
+        or an existing folder of stores named as the viewer names them
+        (:func:`~napari_stmap.core.store.store_path_for`; needs the model file).
+    model : StmapModel
+        A dense model (the store must hold its embeddings: same tensors, genes, µm/px).
+    slide : Slide
+        The slide (the store must be of the same file content, level-0 shape and µm/px).
+    model_path : path, optional
+        The model file (default ``model.metadata["path"]``): names it in messages, and a
+        store in a folder of stores.
+
+    Returns
+    -------
+    Path
+        The store folder.
+
+    Raises
+    ------
+    StmapInputError
+        A model that is not dense; a folder of stores without the model file; a store made
+        by another model or on another slide (one line naming both and the fix).
+    """
+    model_path = model_path or (getattr(model, "metadata", {}) or {}).get("path")
+    kind = getattr(model, "input_kind", "dense")
+    if kind != "dense":
+        msg = (
+            f"{model_path or model.arch}: a {kind} model ({model.arch}) has no dense map to "
+            f"store; evaluate it without a prediction store (drop --pred {store})"
+        )
+        raise StmapInputError(msg)
+    path = Path(store)
+    if path.is_dir() and path.suffix != ".zarr" and read_store_meta(path) is None:
+        if model_path is None:
+            msg = f"{path} is a folder of stores: pass the model file to find its store in it"
+            raise StmapInputError(msg)
+        path = store_path_for(slide.path, model_path, path)
+    meta = read_store_meta(path)
+    if meta is not None:
+        _check_store_identity(path, meta, model, slide, model_path)
+    return path
+
+
+def _check_store_identity(path: Path, meta: dict, model: Any, slide: Slide, model_path) -> None:
+    """Refuse a store whose model hash or slide identity differs, naming both."""
+    old_m, old_s = meta["model"], meta["slide"]
+    sha, ident = model_hash(model), slide_identity(slide)
+    keys = ("size_bytes", "shape_yx", "sha256_ends")
+    same_slide = all(old_s.get(k) == ident[k] for k in keys) and math.isclose(
+        old_s["mpp"], ident["mpp"]
+    )
+    wrong = []
+    if old_m["sha256"] != sha:
+        wrong.append(
+            f"of model {old_m.get('path') or '(file not recorded)'} (sha256 "
+            f"{old_m['sha256'][:12]}), not of {model_path or 'this model'} (sha256 {sha[:12]})"
+        )
+    if not same_slide:
+        wrong.append(
+            f"on slide {old_s['path']} ({old_s['shape_yx'][0]} x {old_s['shape_yx'][1]} px, "
+            f"{old_s['mpp']:g} µm/px), not on {ident['path']} ({ident['shape_yx'][0]} x "
+            f"{ident['shape_yx'][1]} px, {ident['mpp']:g} µm/px)"
+        )
+    if wrong:
+        msg = (
+            f"{path} holds predictions {'; '.join(wrong)}: pass the store made with this "
+            "model and slide, or a new store path"
+        )
+        raise StmapInputError(msg)
+
+
+def evaluate_store(
+    model: Any,
+    slide: Slide,
+    measured: Measured,
+    store: str | Path,
+    scales_um: Sequence[float] | None = None,
+    *,
+    model_path: str | Path | None = None,
+    truth: str | Path | None = None,
+    top_k: int | None = None,
+    device: Any = "cpu",
+    tile_px: int | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_measured` scored on a prediction store's predictions of the units.
+
+    The store is opened by a :class:`~napari_stmap.core.predict.Predictor` (which refuses a
+    store of another model or slide; :func:`store_for_evaluation` refuses it with a message
+    naming both, and finds a store in a folder of stores), which predicts the tiles the
+    units touch and the store lacks (every such tile, on tissue or not, as
+    :func:`evaluate_measured` does) and writes them into it; a store that does not exist yet
+    is created (recording ``model_path``). Units are summed from the store by
+    :meth:`~napari_stmap.core.predict.StoreSource.unit_predictions`, as the Compare dock does.
+
+    Parameters
+    ----------
+    model, slide, measured, scales_um, truth, top_k
+        As :func:`evaluate_measured` (``model`` a dense model).
+    store : str or Path
+        The store folder (``*.zarr``).
+    model_path : path, optional
+        The model file (default ``model.metadata["path"]``).
+    device, batch_size
+        Where and how many tiles per pass the network runs for missing tiles.
+    tile_px : int, optional
+        Tile core side of a new store, model px (default: an existing store's, else
+        :func:`~napari_stmap.core.tiling.default_tile_px`).
+    progress : callable, optional
+        ``progress(done, total)`` in spatial blocks of units (each block's missing tiles are
+        predicted before it is summed).
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate_measured`, with ``result["data"]["store"]`` the store's path.
+
+    Raises
+    ------
+    StmapInputError
+        A store of another model or slide, or with another ``tile_px``; units on tiles the
+        store skipped as off tissue (their counts are unknown).
+    """
+    model_path = model_path or (getattr(model, "metadata", {}) or {}).get("path")
+    path = Path(store)
+    new = read_store_meta(path) is None
+    net = model_path if new and model_path else model  # a new store records the model file
+    with Predictor(
+        slide, net, path, device=device, batch_size=batch_size, tile_px=tile_px, tissue=False
+    ) as pred:
+
+        def predict(meas: Measured, units: dict[str, Units]) -> dict[str, np.ndarray]:
+            preds = StoreSource(pred).unit_predictions(meas, units, progress=progress)
+            _check_known(path, preds)
+            return preds
+
+        result = evaluate_measured(
+            model, slide, measured, scales_um, truth=truth, top_k=top_k, predict=predict
+        )
+    result["data"]["store"] = str(path)
+    return result
+
+
+def _check_known(path: Path, preds: dict[str, np.ndarray]) -> None:
+    """Refuse units with NaN counts (on tiles the store skipped as off tissue)."""
+    for key, p in preds.items():
+        bad = int((~np.isfinite(p)).any(axis=1).sum()) if p.size else 0
+        if bad:
+            msg = (
+                f"{path}: {bad} of {len(p)} units at {key} µm lie on tiles the store skipped as "
+                "off tissue; evaluate without the store, or delete it to predict them"
+            )
+            raise StmapInputError(msg)
 
 
 # ------------------------------------------------------------------------------- output
