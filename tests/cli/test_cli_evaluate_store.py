@@ -233,6 +233,7 @@ def test_units_on_skipped_tiles_refused(small_sample, models, made_store, tmp_pa
     store = tmp_path / "skipped.zarr"
     argv = ["predict", "--model", models["tiny"], "--slide", small_sample.slide, "--out", store]
     assert main(_str([*argv, "--tile-px", "256", "--region", "0", "0", "10", "10"])) == 0
+    capsys.readouterr()  # stmap predict's own line (batch and memory)
     assert open_store(store, mode="r+").mark_skipped([(1, 1)]) == 1
     assert (
         main(_str(_argv(small_sample, models["tiny"], tmp_path / "x.json", "--pred", store))) == 2

@@ -136,7 +136,8 @@ def test_predict_region_partly_outside_one_warning_no_setup_noise(
         "--region", 100, 700, 500, 1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (line,) = _lines(proc.stderr)
+    line, plan = _lines(proc.stderr)  # the warning, then the batch and memory of the run
+    assert plan.startswith("stmap: batch 1 × ") and plan.endswith(" GB budget)")
     assert line.startswith("stmap: warning: --region (y 100–500, x 700–1200 px) reaches past")
     assert f"(y 100–500, x 700–{W} px)" in line
     assert "torchvision" not in proc.stderr

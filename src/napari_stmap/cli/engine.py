@@ -44,8 +44,28 @@ def _add_predict(sub) -> None:
         default=None,
         help="dask.distributed scheduler address (default: threads in this process)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass; default 8")
-    p.add_argument("--tile-px", type=int, default=None, help="tile core size in model px")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per forward pass; default: chosen for the device within --max-memory "
+        "(1 on the CPU, as many as fit on a GPU)",
+    )
+    p.add_argument(
+        "--tile-px",
+        type=int,
+        default=None,
+        help="tile core size in model px; default: the model's (smaller if one window does not "
+        "fit --max-memory)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory budget of the prediction in GB (network activations, windows, caches; "
+        "the process itself comes on top); default half the free memory (80%% of a GPU's)",
+    )
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--all-tiles", action="store_true", help="predict off-tissue tiles too")
     p.set_defaults(func=cmd_predict)
@@ -97,7 +117,7 @@ def cmd_predict(args) -> int:
             msg = f"{slide}: slide not found; check the path"
             raise StmapInputError(msg)
     slides = [open_slide(s, mpp=args.mpp) for s, _ in pairs]
-    options = {"tissue": not args.all_tiles}
+    options = {"tissue": not args.all_tiles, "max_memory_gb": args.max_memory, "on_plan": _say}
     if args.tile_px:
         options["tile_px"] = args.tile_px
     if args.region:  # before anything is written
@@ -118,6 +138,11 @@ def cmd_predict(args) -> int:
         c = store.counts()
         print(f"{store.path}: {c['done']} tiles done, {c['skipped']} off tissue, {c['todo']} to do")
     return 0
+
+
+def _say(plan) -> None:
+    """The run's batch size, window and memory, one line on stderr."""
+    print(f"stmap: {plan.describe()}", file=sys.stderr, flush=True)
 
 
 def _region_on_slides(region, slides, paths) -> tuple[float, float, float, float]:

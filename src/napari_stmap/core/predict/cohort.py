@@ -9,7 +9,8 @@ slide and the store by path. Boxes are level-0 px ``(y0, x0, y1, x1)``; tiles ar
 
 Determinism: on the CPU a tile's embedding does not depend on which other tiles share its
 batch, so an interrupted and resumed run writes exactly the same store as an uninterrupted one
-(on GPUs this holds for a fixed ``batch_size`` only).
+(on GPUs this holds for a fixed ``batch_size`` only: give one, as the automatic choice follows
+the free device memory).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from ..errors import StmapInputError
 from ..io.slide import Slide, open_slide
 from ..store import TODO, PredictionStore, model_hash, open_store
 from ..tiling import TileSpec
+from .budget import BatchPlan, choose_batch, measure_window_cost
 from .device import ready_model, torch_device
 from .pipeline import _ListFeed, _Pipeline
-from .predictor import plan_for_store, tissue_grid
+from .predictor import plan_for_store, stored_tiling, tissue_grid
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
 
 __all__ = ["model_cache_info", "predict_cohort", "predict_slide"]
@@ -159,7 +161,9 @@ def _prepare_slide(
 ) -> tuple[PredictionStore, _Job, list[list[Tile]]]:
     """Driver side: plan, open/create the store, skip off-tissue tiles, group the rest."""
     slide = as_slide(slide)
-    spec = plan_for_store(slide, model, store_path, opts["tile_px"], opts["halo_px"])
+    spec = plan_for_store(
+        slide, model, store_path, opts["tile_px"], opts["halo_px"], opts["new_tile_px"]
+    )
     recorded = None if str(model_path).startswith("<memory:") else model_path
     store = open_store(
         store_path, model, slide, spec, "a", dtype=opts["dtype"], model_path=recorded
@@ -191,7 +195,7 @@ def predict_slide(
     store_path: str | Path,
     *,
     scheduler: Any = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
     region: Sequence[float] | None = None,
     progress: Callable[[int, int], Any] | None = None,
@@ -211,8 +215,9 @@ def predict_slide(
         ``None``/``"threads"``: dask's threaded scheduler in this process. A string like
         ``"tcp://10.0.0.5:8786"`` (or a Client) runs on that cluster: start one worker per
         GPU (``CUDA_VISIBLE_DEVICES``) and pass ``device="cuda"``.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass (default: chosen for the device within ``max_memory_gb`` by
+        :func:`~napari_stmap.core.predict.budget.choose_batch`: 1 on the CPU).
     device : str
         Where the network runs on each worker.
     region : (y0, x0, y1, x1), optional
@@ -223,7 +228,9 @@ def predict_slide(
         ``tile_px``, ``halo_px`` (as :class:`Predictor`), ``tissue`` (True/False/TissueMask),
         ``tiles_per_task`` (16), ``num_workers`` (threads of the threaded scheduler, 1: each task already overlaps reading, inference and writing, and more would multiply activation memory),
         ``precision`` ("fp32"), ``dtype`` ("float16"), ``readers`` (1),
-        ``image_cache_bytes``.
+        ``image_cache_bytes``, ``max_memory_gb`` (the budget of the automatic batch size and
+        tile, GB; default a fraction of the free memory), ``on_plan`` (called with the
+        :class:`~napari_stmap.core.predict.budget.BatchPlan` before anything is written).
 
     Returns
     -------
@@ -253,6 +260,8 @@ _OPTIONS = {
     "readers": 1,
     "image_cache_bytes": DEFAULT_IMAGE_CACHE_BYTES,
     "region": None,
+    "max_memory_gb": None,
+    "on_plan": None,
 }
 
 
@@ -261,7 +270,7 @@ def predict_cohort(
     model_path: str | Path,
     *,
     scheduler: Any = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], Any] | None = None,
     **options: Any,
@@ -280,6 +289,11 @@ def predict_cohort(
     if local:
         torch_device(device)
     model, path, sha = _driver_model(model_path, local)
+    plan = _plan(model, path, sha, [out for _, out in pairs], opts, local)
+    log.info("%s", plan.describe())
+    if opts["on_plan"] is not None:
+        opts["on_plan"](plan)
+    opts.update(batch_size=plan.batch_size, new_tile_px=plan.tile_px)
     prepared = [_prepare_slide(s, model, path, sha, out, opts) for s, out in pairs]
     tasks = _tasks(prepared)
     total = sum(len(b) for _, _, blocks in prepared for b in blocks)
@@ -289,6 +303,33 @@ def predict_cohort(
     for store, _, _ in prepared:
         store.refresh()
     return [store for store, _, _ in prepared]
+
+
+def _plan(
+    model: Any, path: Path, sha: str, outs: Sequence[Any], opts: dict[str, Any], local: bool
+) -> BatchPlan:
+    """Batch size and tile core of a run (:func:`~.budget.choose_batch`): one batch size for
+    the cohort, sized for the largest tile among the given ``tile_px`` and existing stores."""
+    stored = [stored_tiling(o, opts["tile_px"], opts["halo_px"]) for o in outs]
+    tile = max((t for t, _ in stored if t), default=None)
+    halo = max((h for _, h in stored if h is not None), default=None)
+    device = torch_device(opts["device"]) if local else opts["device"]
+    if str(device) == "cpu" or not local or str(path).startswith("<memory:"):
+        cost = measure_window_cost(model, "cpu", opts["precision"])  # tensors alike anywhere
+    else:
+        net = _cached_model(str(path), sha, str(device))
+        cost = measure_window_cost(net, device, opts["precision"])
+    return choose_batch(
+        model,
+        device,
+        batch_size=opts["batch_size"],
+        tile_px=tile,
+        halo_px=halo,
+        max_memory_gb=opts["max_memory_gb"],
+        cost=cost,
+        extra_bytes=opts["image_cache_bytes"],
+        precision=opts["precision"],
+    )
 
 
 _SHA_BY_FILE: dict[tuple, str] = {}

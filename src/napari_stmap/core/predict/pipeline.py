@@ -23,7 +23,7 @@ from ..tiling import TileSpec
 from .device import autocast, dihedral_embed
 from .reader import SlideReader, Tile
 
-__all__ = ["embed_windows", "shutdown_io_pool"]
+__all__ = ["embed_windows", "input_tensor", "shutdown_io_pool"]
 
 
 def embed_windows(
@@ -66,16 +66,25 @@ def embed_windows(
 
     hs, to = spec.halo_px // spec.stride, spec.out_tile_px
     with torch.inference_mode(), autocast(device, precision):
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        if device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = input_tensor(images, device)
         e = dihedral_embed(model, x) if tta else model.embed(x)
         e = e[:, :, hs : hs + to, hs : hs + to]
         if head:
             e = model.head(e)
         return e.float().cpu().numpy()
+
+
+def input_tensor(images: np.ndarray, device: Any) -> Any:
+    """``(B, W, W, 3)`` uint8 RGB windows -> ``(B, 3, W, W)`` float32 in [0, 1] on ``device``
+    (channels_last): the network's input, as :func:`embed_windows` and the memory dry run of
+    :mod:`~napari_stmap.core.predict.budget` make it."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 # ================================================================================ threads

@@ -29,6 +29,7 @@ from ..geometry import MapGrid
 from ..io.slide import Slide, open_slide
 from ..store import TODO, PredictionStore, open_store, read_store_meta
 from ..tiling import TileSpec, TissueMask, plan_tiles, tissue_mask, tissue_tiles
+from .budget import BatchPlan, choose_batch
 from .device import as_model, ready_model, torch_device
 from .pipeline import _Pipeline
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
@@ -38,7 +39,14 @@ from .views import as_store, gene_pyramid, gene_view, region_map
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["DISPLAY_MASK_MARGIN_UM", "Predictor", "ensure_region", "plan_for_store", "tissue_grid"]
+__all__ = [
+    "DISPLAY_MASK_MARGIN_UM",
+    "Predictor",
+    "ensure_region",
+    "plan_for_store",
+    "stored_tiling",
+    "tissue_grid",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +69,16 @@ class Predictor:
         slide; any other store is refused, see :func:`~napari_stmap.core.store.open_store`).
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass (default: chosen for the device within ``max_memory_gb`` by
+        :func:`~napari_stmap.core.predict.budget.choose_batch`: 1 on the CPU).
     tile_px, halo_px : int, optional
         Tile core side and halo in model px (default: the store's, else
-        :func:`~napari_stmap.core.tiling.default_tile_px` and the model's ``halo_px``).
+        :func:`~napari_stmap.core.tiling.default_tile_px`, smaller if one window of it does
+        not fit the budget, and the model's ``halo_px``).
+    max_memory_gb : float, optional
+        Memory budget of the prediction, GB (default: a fraction of the free memory; see
+        :func:`~napari_stmap.core.predict.budget.choose_batch`). The choice is :attr:`plan`.
     tissue : bool or TissueMask
         Skip tiles off tissue (mask from a low pyramid level, dilated by one halo); False
         predicts every tile.
@@ -106,9 +119,10 @@ class Predictor:
         store_path: str | Path,
         *,
         device: str = "cpu",
-        batch_size: int = 8,
+        batch_size: int | None = None,
         tile_px: int | None = None,
         halo_px: int | None = None,
+        max_memory_gb: float | None = None,
         tissue: bool | TissueMask = True,
         on_tile_done: Callable[[Tile], Any] | None = None,
         done_queue: queue.Queue | None = None,
@@ -124,7 +138,19 @@ class Predictor:
         self.slide = as_slide(slide)
         model_path = None if hasattr(model, "embed") else Path(model)
         self.model = ready_model(as_model(model), self.device)
-        self.spec = plan_for_store(self.slide, self.model, store_path, tile_px, halo_px)
+        tile_px, halo_px = stored_tiling(store_path, tile_px, halo_px)
+        self.plan: BatchPlan = choose_batch(
+            self.model,
+            self.device,
+            batch_size=batch_size,
+            tile_px=tile_px,
+            halo_px=halo_px,
+            max_memory_gb=max_memory_gb,
+            extra_bytes=image_cache_bytes,
+            precision=precision,
+        )
+        log.info("%s", self.plan.describe())
+        self.spec = plan_for_store(self.slide, self.model, store_path, self.plan.tile_px, halo_px)
         self.store = open_store(
             store_path, self.model, self.slide, self.spec, "a", dtype=dtype, model_path=model_path
         )
@@ -141,7 +167,7 @@ class Predictor:
             self.model,
             self.reader,
             self.store,
-            batch_size=batch_size,
+            batch_size=self.plan.batch_size,
             device=self.device,
             precision=precision,
             readers=readers,
@@ -318,15 +344,29 @@ class Predictor:
             raise exc
 
 
-def plan_for_store(
-    slide: Slide, model: Any, store_path: Any, tile_px: int | None, halo_px: int | None
-) -> TileSpec:
-    """Whole-slide plan; unset tile size/halo come from an existing store."""
+def stored_tiling(
+    store_path: Any, tile_px: int | None, halo_px: int | None
+) -> tuple[int | None, int | None]:
+    """Tile core and halo (model px): as given, else an existing store's, else None."""
     meta = read_store_meta(store_path)
     if meta is not None:
         tile_px = tile_px or int(meta["spec"]["tile_px"])
         halo_px = int(meta["spec"]["halo_px"]) if halo_px is None else halo_px
-    return plan_tiles(slide, model, tile_px=tile_px, halo_px=halo_px)
+    return tile_px, halo_px
+
+
+def plan_for_store(
+    slide: Slide,
+    model: Any,
+    store_path: Any,
+    tile_px: int | None,
+    halo_px: int | None,
+    new_tile_px: int | None = None,
+) -> TileSpec:
+    """Whole-slide plan; unset tile size/halo come from an existing store, else a new store's
+    tile is ``new_tile_px`` (default :func:`~napari_stmap.core.tiling.default_tile_px`)."""
+    tile_px, halo_px = stored_tiling(store_path, tile_px, halo_px)
+    return plan_tiles(slide, model, tile_px=tile_px or new_tile_px, halo_px=halo_px)
 
 
 def tissue_grid(slide: Slide, spec: TileSpec, tissue: bool | TissueMask) -> np.ndarray:
@@ -351,7 +391,7 @@ def ensure_region(
     timeout: float | None = None,
     model: Any = None,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, MapGrid]:
     """Predict whatever a region still needs (blocking), then return its dense map.
 
@@ -369,7 +409,8 @@ def ensure_region(
     timeout : float, optional
         Seconds to wait for the prediction; :class:`TimeoutError` after that.
     model, device, batch_size
-        For the temporary predictor (store sources only).
+        For the temporary predictor (store sources only; ``batch_size`` None: chosen for the
+        device, see :class:`Predictor`).
 
     Returns
     -------
@@ -400,7 +441,7 @@ def _predict_region(pred: Predictor, bbox_yx: Sequence[float], timeout: float | 
 
 
 def _predictor_for_store(
-    store: PredictionStore, model: Any, device: str, batch_size: int
+    store: PredictionStore, model: Any, device: str, batch_size: int | None
 ) -> Predictor:
     meta = store.meta
     model = model if model is not None else meta["model"].get("path")

@@ -279,7 +279,9 @@ class StoreSource(_Source):
         missing tiles; with a store (or path) a temporary predictor does (see
         :func:`~napari_stmap.core.predict.predictor.ensure_region`).
     model, device, batch_size
-        For that temporary predictor (model: when the store does not record its file).
+        For that temporary predictor (model: when the store does not record its file;
+        ``batch_size`` None: chosen for the device, see
+        :class:`~napari_stmap.core.predict.predictor.Predictor`).
     timeout : float, optional
         Seconds to wait for the tiles one block of regions needs.
     background : float
@@ -296,14 +298,14 @@ class StoreSource(_Source):
         *,
         model: Any = None,
         device: str = "cpu",
-        batch_size: int = 8,
+        batch_size: int | None = None,
         timeout: float | None = None,
         background: float = np.nan,
         block_px: float = 4096.0,
     ) -> None:
         self.store = as_store(source)
         self._target = source if isinstance(source, Predictor) else self.store
-        self.model, self.device, self.batch_size = model, device, int(batch_size)
+        self.model, self.device, self.batch_size = model, device, batch_size
         self.timeout, self.background, self.block_px = timeout, float(background), block_px
 
     def __repr__(self) -> str:
