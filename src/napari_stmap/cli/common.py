@@ -83,6 +83,17 @@ def _add_region(parser: argparse.ArgumentParser, help_text: str) -> None:
     )
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    """``--precision auto|fp32|bf16``: autocast dtype of dense models (default auto)."""
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="network precision: auto (bf16 where it was measured faster with the same "
+        "accuracy, else fp32; see docs/benchmarks.md), fp32 or bf16 (autocast); default auto",
+    )
+
+
 class _progress:
     """Context manager yielding a ``progress(done, total)`` callback backed by tqdm (stderr)."""
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import StmapInputError
-from .common import _float_list, _progress
+from .common import _add_precision, _float_list, _progress
 
 __all__ = ["_add_evaluate", "_add_train", "cmd_evaluate", "cmd_train"]
 
@@ -407,6 +407,7 @@ def _add_evaluate(sub) -> None:
         default=None,
         help="torch CPU threads (default: cores not busy with other jobs)",
     )
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -436,6 +437,7 @@ def cmd_evaluate(args) -> int:
             device=args.device,
             tile_px=args.tile_px or tile_px,
             tta=args.tta,
+            precision=args.precision,
             progress=progress,
         )
     args.json.write_text(json.dumps(result, indent=1))

@@ -48,6 +48,7 @@ from .io.slide import Slide, open_slide
 from .measured import Measured, Units, load_measured, scale_key, spot_density
 from .metrics import evaluate_expression
 from .predict import Predictor, StoreSource, predict_units, spot_footprints, unit_spots
+from .predict.device import resolve_precision
 from .store import model_hash, read_store_meta, slide_identity, store_path_for
 from .synthetic import TRUTH_GRID_UM, load_synthetic, truth_density
 
@@ -135,6 +136,7 @@ def evaluate_measured(
     tile_px: int | None = None,
     batch_size: int = 4,
     tta: bool = False,
+    precision: str = "auto",
     predict: Callable[[Measured, dict[str, Units]], dict[str, np.ndarray]] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -155,9 +157,10 @@ def evaluate_measured(
         Synthetic sample root: also evaluate against its truth density (key ``"truth"``).
     top_k : int, optional
         Evaluate only the ``top_k`` model genes with the highest mean measured count.
-    device, tile_px, batch_size, tta
+    device, tile_px, batch_size, tta, precision
         Passed to :func:`~napari_stmap.core.predict.spots.predict_spots` (``tta``: average
-        over the 8 turns and flips of every tile or crop).
+        over the 8 turns and flips of every tile or crop; ``precision``: autocast dtype of
+        dense models, ``"auto"`` resolved for the device, recorded in ``result["model"]``).
     predict : callable, optional
         ``predict(measured, units) -> {key: (n, G_model + 1) counts}``: predictions of the
         units to score instead of running the model (e.g. from the viewer's prediction store,
@@ -186,6 +189,7 @@ def evaluate_measured(
     units = {scale_key(b): meas.units(b) for b in scales}
     cols = [model.genes.index(g) for g in names] + [model.num_outputs - 1]
     kw = {"device": device, "tile_px": tile_px, "batch_size": batch_size, "tta": tta}
+    kw["precision"] = _precision(model, device, precision)
     if predict is not None:
         preds = predict(meas, units)
     else:
@@ -197,9 +201,16 @@ def evaluate_measured(
         _fill(result, key, _score(pred, u.counts * factor, u.total * factor, names, top_k))
     if truth is not None:
         result["truth"] = _truth_block(truth, slide, meas, units, preds, cols, names, top_k, factor)
-    result["model"] = {**_model_info(model), "tta": bool(tta)}
+    result["model"] = {**_model_info(model), "tta": bool(tta), "precision": kw["precision"]}
     result["data"] = _data_info(measured, meas, units, factor, len(model.genes))
     return result
+
+
+def _precision(model: Any, device: Any, precision: str) -> str:
+    """The precision a model runs at here: ``precision`` resolved for dense models, else fp32."""
+    if getattr(model, "input_kind", "dense") != "dense":
+        return "fp32"
+    return resolve_precision(device, model, precision)
 
 
 def _default_scales(measured: Measured) -> list[float]:
@@ -417,6 +428,7 @@ def evaluate_store(
     device: Any = "cpu",
     tile_px: int | None = None,
     batch_size: int = 4,
+    precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate_measured` scored on a prediction store's predictions of the units.
@@ -437,8 +449,9 @@ def evaluate_store(
         The store folder (``*.zarr``).
     model_path : path, optional
         The model file (default ``model.metadata["path"]``).
-    device, batch_size
-        Where and how many tiles per pass the network runs for missing tiles.
+    device, batch_size, precision
+        Where, how many tiles per pass and at which autocast dtype the network runs for
+        missing tiles (``precision`` ``"auto"``: resolved for the device).
     tile_px : int, optional
         Tile core side of a new store, model px (default: an existing store's, else
         :func:`~napari_stmap.core.tiling.default_tile_px`).
@@ -462,7 +475,14 @@ def evaluate_store(
     new = read_store_meta(path) is None
     net = model_path if new and model_path else model  # a new store records the model file
     with Predictor(
-        slide, net, path, device=device, batch_size=batch_size, tile_px=tile_px, tissue=False
+        slide,
+        net,
+        path,
+        device=device,
+        batch_size=batch_size,
+        tile_px=tile_px,
+        tissue=False,
+        precision=precision,
     ) as pred:
 
         def predict(meas: Measured, units: dict[str, Units]) -> dict[str, np.ndarray]:
@@ -473,6 +493,7 @@ def evaluate_store(
         result = evaluate_measured(
             model, slide, measured, scales_um, truth=truth, top_k=top_k, predict=predict
         )
+        result["model"]["precision"] = pred.precision
     result["data"]["store"] = str(path)
     return result
 

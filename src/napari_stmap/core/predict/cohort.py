@@ -29,7 +29,7 @@ from ..io.slide import Slide, open_slide
 from ..store import TODO, PredictionStore, model_hash, open_store
 from ..tiling import TileSpec
 from .budget import BatchPlan, choose_batch, measure_window_cost
-from .device import ready_model, torch_device
+from .device import ready_model, resolve_precision, torch_device
 from .pipeline import _ListFeed, _Pipeline
 from .predictor import plan_for_store, stored_tiling, tissue_grid
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
@@ -129,13 +129,14 @@ def _predict_block(job: _Job, tiles: list[Tile]) -> int:
     todo = [t for t in map(tuple, tiles) if store.state(t) == TODO]
     feed = _ListFeed(todo)
     device = torch.device(job.device)
+    precision = resolve_precision(device, model, job.precision)  # "auto": for this worker
     pipe = _Pipeline(
         model,
         reader,
         store,
         batch_size=job.batch_size,
         device=device,
-        precision=job.precision,
+        precision=precision,
         readers=job.readers,
     )
     pipe.run(feed, pooled=True)
@@ -227,7 +228,9 @@ def predict_slide(
     **options
         ``tile_px``, ``halo_px`` (as :class:`Predictor`), ``tissue`` (True/False/TissueMask),
         ``tiles_per_task`` (16), ``num_workers`` (threads of the threaded scheduler, 1: each task already overlaps reading, inference and writing, and more would multiply activation memory),
-        ``precision`` ("fp32"), ``dtype`` ("float16"), ``readers`` (1),
+        ``precision`` ("auto": resolved on each worker by
+        :func:`~napari_stmap.core.predict.device.resolve_precision`), ``dtype`` ("float16"),
+        ``readers`` (1),
         ``image_cache_bytes``, ``max_memory_gb`` (the budget of the automatic batch size and
         tile, GB; default a fraction of the free memory), ``on_plan`` (called with the
         :class:`~napari_stmap.core.predict.budget.BatchPlan` before anything is written).
@@ -255,7 +258,7 @@ _OPTIONS = {
     "tissue": True,
     "tiles_per_task": 16,
     "num_workers": 1,
-    "precision": "fp32",
+    "precision": "auto",
     "dtype": "float16",
     "readers": 1,
     "image_cache_bytes": DEFAULT_IMAGE_CACHE_BYTES,

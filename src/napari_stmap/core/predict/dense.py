@@ -42,7 +42,7 @@ from ..errors import StmapInputError
 from ..geometry import MapGrid
 from ..io.slide import Slide, model_px_per_level0
 from ..tiling import TileSpec, _lcm, _round_up, plan_tiles
-from .device import torch_device
+from .device import resolve_precision, torch_device
 from .pipeline import _ListFeed, _Pipeline
 from .reader import SlideReader, Tile
 
@@ -113,6 +113,7 @@ def predict_map(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     tta: bool = False,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, MapGrid]:
     """Dense expected counts over a region, tiled with the model's halo and stitched.
 
@@ -135,6 +136,9 @@ def predict_map(
         ``progress(done, total)`` in tiles, after each tile (from a worker thread).
     tta : bool
         Average the embedding over the 8 turns and flips of every tile (module notes).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast dtype (``"auto"``: :func:`~napari_stmap.core.predict.device.resolve_precision`
+        for ``device`` and ``model``); fp32 runs without autocast.
 
     Returns
     -------
@@ -150,12 +154,14 @@ def predict_map(
     sink = _MapSink(spec, model.num_outputs)
     feed = _ListFeed(spec.tiles(), progress)
     model.eval()
+    dev = torch_device(device)
     pipe = _Pipeline(
         model,
         SlideReader(slide, spec),
         sink,
         batch_size=batch_size,
-        device=torch_device(device),
+        device=dev,
+        precision=resolve_precision(dev, model, precision),
         tta=tta,
         head=True,
     )

@@ -1,5 +1,10 @@
 """Where and how the network runs: torch device, autocast precision, a model ready to infer, TTA.
 
+Precision: ``"auto"`` (the default of every dense prediction path) is resolved here by
+:func:`resolve_precision`, from the device and the network: bf16 autocast where it was measured
+to be at least 1.5x faster than fp32 with the same accuracy (``docs/benchmarks.md``, "Precision
+by device"), fp32 elsewhere. ``"fp32"`` runs without autocast, exactly as before.
+
 torch is imported inside the functions, so importing this module stays light.
 """
 
@@ -12,17 +17,38 @@ from typing import Any
 from ..errors import StmapInputError
 
 __all__ = [
+    "AUTO_BF16",
+    "BF16_ARCHS",
+    "BF16_CPU_FLAGS",
     "PRECISIONS",
+    "PRECISION_CHOICES",
     "as_model",
     "autocast",
     "available_devices",
+    "cpu_flags",
     "dihedral_embed",
     "ready_model",
+    "resolve_precision",
     "torch_device",
 ]
 
-#: Autocast precisions a GPU can run (the CPU always runs fp32).
+#: Autocast precisions: fp32 (no autocast), bf16 (GPUs and the CPU), fp16 (GPUs only; the
+#: CPU runs it as fp32).
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: What ``precision`` arguments accept: a precision, or ``"auto"`` (:func:`resolve_precision`).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+
+#: ``"auto"`` picks bf16 where the device supports it (False: ``"auto"`` is always fp32).
+#: Switched on by measurement: ``benchmarks/bench_precision.py``.
+AUTO_BF16 = False
+
+#: Networks (``model.arch``) measured to keep their accuracy under bf16; ``"auto"`` gives the
+#: others fp32.
+BF16_ARCHS = frozenset({"pixnet"})
+
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: AVX-512 BF16 or AMX.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def available_devices() -> list[str]:
@@ -52,14 +78,80 @@ def torch_device(device: Any) -> Any:
     return dev
 
 
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """Feature flags of this CPU from ``/proc/cpuinfo`` (Linux); empty where it is unreadable."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_precision(
+    device: Any,
+    model: Any = None,
+    precision: str = "auto",
+    *,
+    flags: frozenset[str] | None = None,
+    auto_bf16: bool | None = None,
+) -> str:
+    """The precision to run: ``precision`` itself, or for ``"auto"`` bf16 or fp32.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Where the network runs.
+    model : StmapModel, optional
+        The network; ``"auto"`` gives bf16 only to architectures in :data:`BF16_ARCHS`
+        (None: judged by the device alone).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        What was asked for; anything but ``"auto"`` is returned as it is.
+    flags : frozenset of str, optional
+        CPU flags (default :func:`cpu_flags`; tests inject them).
+    auto_bf16 : bool, optional
+        Whether ``"auto"`` may pick bf16 at all (default :data:`AUTO_BF16`).
+
+    Returns
+    -------
+    str
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``. ``"auto"`` is bf16 on CUDA devices with bf16
+        support and on CPUs with :data:`BF16_CPU_FLAGS`, fp32 on anything else (MPS included).
+    """
+    if precision not in PRECISION_CHOICES:
+        msg = f"precision must be one of {PRECISION_CHOICES}, got {precision!r}; use 'auto'"
+        raise StmapInputError(msg)
+    if precision != "auto":
+        return precision
+    if not (AUTO_BF16 if auto_bf16 is None else auto_bf16):
+        return "fp32"
+    if model is not None and getattr(model, "arch", None) not in BF16_ARCHS:
+        return "fp32"
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if kind == "cpu":
+        have = cpu_flags() if flags is None else flags
+        return "bf16" if have & BF16_CPU_FLAGS else "fp32"
+    if kind == "cuda":
+        import torch
+
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if ok else "fp32"
+    return "fp32"
+
+
 def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``precision`` on ``device`` (a no-op for fp32 and on the CPU)."""
+    """Autocast context for ``precision`` on ``device``.
+
+    A no-op for fp32, and for fp16 on the CPU; bf16 autocasts on GPUs and the CPU.
+    ``"auto"`` is resolved by :func:`resolve_precision` (device only).
+    """
     import torch
 
-    if precision not in PRECISIONS:
-        msg = f"precision must be one of {PRECISIONS}, got {precision!r}"
-        raise StmapInputError(msg)
-    if precision == "fp32" or device.type == "cpu":
+    precision = resolve_precision(device, None, precision)
+    if precision == "fp32" or (precision == "fp16" and device.type == "cpu"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)

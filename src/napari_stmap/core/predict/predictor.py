@@ -30,7 +30,7 @@ from ..io.slide import Slide, open_slide
 from ..store import TODO, PredictionStore, open_store, read_store_meta
 from ..tiling import TileSpec, TissueMask, plan_tiles, tissue_mask, tissue_tiles
 from .budget import BatchPlan, choose_batch
-from .device import as_model, ready_model, torch_device
+from .device import as_model, ready_model, resolve_precision, torch_device
 from .pipeline import _Pipeline
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
 from .scheduler import TileScheduler
@@ -89,8 +89,10 @@ class Predictor:
         :meth:`wait` re-raises it.
     done_queue : queue.Queue, optional
         Receives ``(i, j)`` of each stored tile (for a GUI thread to poll).
-    precision : {"fp32", "bf16", "fp16"}
-        Autocast dtype on GPUs (the CPU always runs fp32).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast dtype; ``"auto"`` is resolved for the device and model by
+        :func:`~napari_stmap.core.predict.device.resolve_precision` (the result is
+        :attr:`precision`); fp32 runs without autocast.
     dtype : {"float16", "float32"}
         Embedding dtype of a new store.
     readers : int
@@ -126,7 +128,7 @@ class Predictor:
         tissue: bool | TissueMask = True,
         on_tile_done: Callable[[Tile], Any] | None = None,
         done_queue: queue.Queue | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         dtype: str = "float16",
         readers: int = 1,
         image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
@@ -138,6 +140,7 @@ class Predictor:
         self.slide = as_slide(slide)
         model_path = None if hasattr(model, "embed") else Path(model)
         self.model = ready_model(as_model(model), self.device)
+        self.precision = precision = resolve_precision(self.device, self.model, precision)
         tile_px, halo_px = stored_tiling(store_path, tile_px, halo_px)
         self.plan: BatchPlan = choose_batch(
             self.model,

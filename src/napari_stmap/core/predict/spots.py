@@ -71,6 +71,7 @@ def predict_spots(
     chunk_px: int = DEFAULT_CHUNK_PX,
     progress: Callable[[int, int], None] | None = None,
     tta: bool = False,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Predicted expected counts of every spot, for any architecture.
 
@@ -93,6 +94,8 @@ def predict_spots(
         ``total`` spots; ``done`` ends at ``total``.
     tta : bool
         Average the embedding over the 8 turns and flips (of each tile or crop).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Dense models: autocast dtype of :func:`predict_map`; spot and bin models run fp32.
 
     Returns
     -------
@@ -106,7 +109,8 @@ def predict_spots(
         return np.zeros((0, model.num_outputs), dtype=np.float64)
     kind = getattr(model, "input_kind", "dense")
     if kind == "dense":
-        return _dense_spots(model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta)
+        args = (tile_px, device, batch_size, chunk_px, progress, tta, precision)
+        return _dense_spots(model, slide, fps, *args)
     if kind == "spot":
         return _crop_spots(model, slide, fps, device, batch_size, progress, tta)
     if kind == "bins":  # MagNet: views around each centre + kNN graph over all of them
@@ -118,7 +122,7 @@ def predict_spots(
 
 
 def _dense_spots(
-    model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta=False
+    model, slide, fps, tile_px, device, batch_size, chunk_px, progress, tta=False, precision="auto"
 ) -> np.ndarray:
     """Group footprints by centre into chunks, predict each chunk's bbox, aggregate."""
     f = model_px_per_level0(slide, model.mpp)
@@ -141,6 +145,7 @@ def _dense_spots(
             device=device,
             batch_size=batch_size,
             tta=tta,
+            precision=precision,
             progress=step,
         )
         out[idx] = aggregate(chunk, grid, weight_matrix([fps[i] for i in idx], grid))
