@@ -109,3 +109,16 @@ def test_bad_input_process_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "nope.tif" in proc.stderr
+
+
+def test_info_into_a_closed_pipe_is_quiet(ome_slide):
+    """`stmap info SLIDE | head`: the reader leaves early; no traceback, exit code 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_stmap.cli", "info", str(ome_slide)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # like `head` exiting before stmap writes
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err

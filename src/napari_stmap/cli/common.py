@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -31,7 +32,9 @@ def run_command(args: argparse.Namespace) -> int:
         Ctrl-C. Any other exception is a bug and keeps its traceback.
     """
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
     except StmapInputError as exc:
         print(f"stmap {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -43,6 +46,15 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"stmap {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `stmap info ... | head`: the reader left, nothing went wrong
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so Python's flush at exit does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _configure_logging(verbose: bool) -> None:
