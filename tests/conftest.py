@@ -32,6 +32,51 @@ def small_sample(tmp_path_factory):
     return write_synthetic(root, size_um=(400.0, 300.0), mpp=0.5, n_genes=24, seed=3)
 
 
+@pytest.fixture(scope="session")
+def slide(small_sample):
+    """The small sample's slide, opened once (600 × 800 px at 0.5 µm/px)."""
+    from napari_stmap.core.io.slide import open_slide
+
+    return open_slide(small_sample.slide)
+
+
+@pytest.fixture(scope="session")
+def make_model_file(small_sample, tmp_path_factory):
+    """``make_model_file(n_genes)``: a random-init pixnet_tiny (seed 0) on the sample's first
+    ``n_genes`` genes, saved once per ``n_genes`` as a model file."""
+    made: dict[int, Path] = {}
+
+    def make(n_genes: int) -> Path:
+        if n_genes not in made:
+            import torch
+
+            from napari_stmap.core.model import create_model, save_model
+
+            torch.manual_seed(0)
+            model = create_model("pixnet_tiny", genes=list(small_sample.genes[:n_genes]))
+            made[n_genes] = tmp_path_factory.mktemp("model") / f"tiny{n_genes}.safetensors"
+            save_model(model.eval(), made[n_genes])
+        return made[n_genes]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_model_file) -> Path:
+    """A random-init pixnet_tiny on 5 of the sample's genes, as a model file."""
+    return make_model_file(5)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread (no OpenMP barriers on a shared CPU)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def docks(qtbot, tmp_path):
     """A viewer with the five docks opened the way napari's Plugins menu opens them."""

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from napari_stmap.cli import main
 
 PLAN_LINE = re.compile(
     r"stmap: batch (\d+) × (\d+)² px windows on cpu \(≈\d+\.\d GB of a ([\d.]+) GB budget\)"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, small_sample):
-    import torch
-
-    from napari_stmap.core.model import create_model, save_model
-
-    torch.manual_seed(0)
-    model = create_model("pixnet_tiny", genes=list(small_sample.genes[:5])).eval()
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(model, path)
-    return path
 
 
 def _predict(model, slide, out, *extra: str) -> int:

@@ -37,19 +37,6 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, small_sample):
-    import torch
-
-    from napari_stmap.core.model import create_model, save_model
-
-    torch.manual_seed(0)
-    model = create_model("pixnet_tiny", genes=list(small_sample.genes[:5])).eval()
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(model, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, small_sample, tiny_model):
     out = tmp_path_factory.mktemp("pred") / "pred.zarr"
     argv = ["predict", "--model", tiny_model, "--slide", small_sample.slide, "--out", out]

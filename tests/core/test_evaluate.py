@@ -16,26 +16,11 @@ import pytest
 from napari_stmap.core.errors import StmapInputError
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_GENES = 5
 SCALES = [8.0, 16.0]
 KEYS = ["8", "16"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (no OpenMP barriers on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def slide(small_sample):
-    from napari_stmap.core.io.slide import open_slide
-
-    return open_slide(small_sample.slide)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ GENES = ["G0", "G1", "G2", "G3"]
 
 
 @pytest.fixture(scope="module")
-def slide(small_sample):
-    from napari_stmap.core.io.slide import open_slide
-
-    return open_slide(small_sample.slide)
-
-
-@pytest.fixture(scope="module")
 def model():
     from napari_stmap.core.model import create_model
 

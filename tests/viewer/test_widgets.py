@@ -16,15 +16,9 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def tiny_model(small_sample, tmp_path_factory):
+def tiny_model(make_model_file):
     """A random-init pixnet_tiny on 6 of the sample's genes, saved as a model file."""
-    from napari_stmap.core.model import create_model, save_model
-
-    torch.manual_seed(0)
-    model = create_model("pixnet_tiny", genes=list(small_sample.genes[:6]))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(model, path)
-    return path
+    return make_model_file(6)
 
 
 def _wait_worker(qtbot, worker) -> None:

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GENES = [f"g{i}" for i in range(5)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +20,6 @@ def tiny():
 
     torch.manual_seed(0)
     return create_model("magnet_tiny", genes=GENES).eval()
-
-
-@pytest.fixture(scope="module")
-def slide(small_sample):
-    from napari_stmap.core.io.slide import open_slide
-
-    return open_slide(small_sample.slide)
 
 
 def _batch(model, centres, groups=None, valid=None, seed=0):

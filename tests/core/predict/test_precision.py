@@ -20,7 +20,6 @@ import zarr
 from napari_stmap.cli import main
 from napari_stmap.core.errors import StmapInputError
 from napari_stmap.core.geometry import disks
-from napari_stmap.core.io.slide import open_slide
 from napari_stmap.core.model import create_model, save_model
 from napari_stmap.core.predict import Predictor, predict_map, predict_slide, predict_spots
 from napari_stmap.core.predict import device as device_mod
@@ -36,11 +35,6 @@ GENES = [f"G{i}" for i in range(6)]
 BF16_CPU = frozenset({"fpu", "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
 PLAIN_CPU = frozenset({"fpu", "sse4_2", "avx2"})
 BOX = (64, 64, 320, 448)  # level-0 px of the synthetic slide (0.5 µm/px = the model's)
-
-
-@pytest.fixture(scope="module")
-def slide(small_sample):
-    return open_slide(small_sample.slide)
 
 
 @pytest.fixture(scope="module")

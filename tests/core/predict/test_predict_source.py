@@ -16,13 +16,6 @@ GENES = 5
 
 
 @pytest.fixture(scope="module")
-def slide(small_sample):
-    from napari_stmap.core.io.slide import open_slide
-
-    return open_slide(small_sample.slide)
-
-
-@pytest.fixture(scope="module")
 def dense(small_sample, slide, tmp_path_factory):
     """A tiny PixNet's float32 store over the whole (small) slide, every tile predicted."""
     from napari_stmap.core.model import create_model

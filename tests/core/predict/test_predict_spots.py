@@ -14,13 +14,6 @@ GENES = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
-def slide(small_sample):
-    from napari_stmap.core.io.slide import open_slide
-
-    return open_slide(small_sample.slide)
-
-
-@pytest.fixture(scope="module")
 def pixnet():
     from napari_stmap.core.model import create_model
 

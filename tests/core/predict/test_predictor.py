@@ -35,12 +35,6 @@ TILE = 128  # model px; the synthetic slide (600 x 800 px at 0.5 µm/px) has 5 x
 
 
 @pytest.fixture(scope="module")
-def slide(small_sample):
-    """The shared synthetic sample (conftest): 600 x 800 px at 0.5 µm/px."""
-    return open_slide(small_sample.slide)
-
-
-@pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return create_model("pixnet_tiny", genes=GENES).eval()

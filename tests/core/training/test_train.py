@@ -12,17 +12,9 @@ import scipy.sparse as sp
 from napari_stmap.core.errors import StmapInputError
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"tile_px": 64, "batch_size": 2, "max_batches_per_epoch": 2, "num_threads": 1}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (no OpenMP barriers on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cli(argv):
