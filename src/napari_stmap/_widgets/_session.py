@@ -60,12 +60,6 @@ def get_session(viewer, widget=None) -> Session:
     return session
 
 
-class _ClosedViewer:
-    """What a closed session's ``viewer`` is: no layers, and not the viewer it served."""
-
-    layers: tuple = ()
-
-
 class Session(PredictionsMixin, QObject):
     """Slide, measured data, model and predictor of one viewer.
 
@@ -332,9 +326,5 @@ class Session(PredictionsMixin, QObject):
                 logger.warning("napari-stmap: a worker did not stop within 10 s")
         shutdown_io_pool()
         _SESSIONS.pop(viewer_key(self.viewer), None)
-        # napari keeps every finished worker of a window (its task-status list), and the
-        # workers' closures keep this session: let go of the viewer and its window here
-        self._windows.clear()
-        self.viewer = _ClosedViewer()
         unfreeze_startup_objects()
         logger.debug("napari-stmap session closed")
