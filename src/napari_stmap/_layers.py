@@ -14,6 +14,7 @@ the layer once the slide is known.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,8 +155,12 @@ def spots_layer(
     label: str = "total counts",
     name: str | None = None,
     as_raster: bool | None = None,
+    opened: str | Path | None = None,
 ) -> LayerData:
     """Measured spots/bins aligned with the slide, coloured by ``values`` (default: total counts).
+
+    ``opened``: the path the user opened (e.g. a Visium HD ``outs/`` holding every bin size),
+    recorded so that the docks read the same data; default ``spots.source``.
 
     Visium HD bins (squares on a regular array grid) become an image raster with an affine that
     maps (array_row, array_col) to world µm, so millions of 2 µm bins stay cheap; disks (Visium,
@@ -169,7 +174,7 @@ def spots_layer(
     meta = {
         "stmap": {
             "kind": "spots",
-            "source": str(spots.source),
+            "source": str(opened if opened is not None else spots.source),
             "bin_um": spots.bin_um,
             "mpp": mpp,
             "label": label,

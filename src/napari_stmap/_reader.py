@@ -77,7 +77,7 @@ def read_spots_layers(path: str | list[str]) -> list:
     kinds = [k for k in ("hires", "lowres") if k in spots.image_paths or k in spots.images]
     if kinds:
         layers.append(spaceranger_image_layer(spots, kinds[0]))
-    layers.append(spots_layer(spots))
+    layers.append(spots_layer(spots, opened=path))
     return layers
 
 

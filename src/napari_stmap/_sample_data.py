@@ -55,5 +55,5 @@ def synthetic_sample() -> list:
     bins = read_visium_hd(sample.outs, bin_um=SAMPLE_BIN_UM)
     return [
         slide_layer(slide, name="synthetic H&E"),
-        spots_layer(bins, name=f"synthetic {SAMPLE_BIN_UM:g} µm"),
+        spots_layer(bins, name=f"synthetic {SAMPLE_BIN_UM:g} µm", opened=sample.outs),
     ]

@@ -99,7 +99,7 @@ def test_inputs_summary_and_warnings(tmp_path):
     assert "none" in inputs_summary(None, None, None, {})[0]
     assert model_kind_warning({"arch": "spotnet", "input_kind": "spots"}, "m") is not None
     assert model_kind_warning({"arch": "magnet", "input_kind": "bins"}, "m") is None
-    hd = {"kind": "spots", "source": "/r/outs/binned_outputs/square_008um"}
+    hd = {"kind": "spots", "source": "/r/outs"}  # the reader records the folder opened
     assert opened_spots_source(hd) == Path("/r/outs")
     assert opened_spots_source({"kind": "spots", "source": "/r/a.h5ad"}) == Path("/r/a.h5ad")
     assert opened_spots_source({"kind": "slide", "source": "x"}) is None

@@ -176,3 +176,12 @@ def test_parquet_positions_roundtrip_sanity(small_sample):
     row = pos.set_index("barcode").loc[bins.barcodes[0]]
     np.testing.assert_allclose(bins.centers_yx[0], [row.pxl_row_in_fullres, row.pxl_col_in_fullres])
     assert tifffile.TiffFile(small_sample.slide).is_ome
+
+
+def test_spots_layer_records_the_folder_opened(small_sample):
+    """A Visium HD outs/ opened with File > Open Folder: the docks read that folder (all sizes)."""
+    from napari_stmap._reader import napari_get_reader
+
+    layers = napari_get_reader(str(small_sample.outs))(str(small_sample.outs))
+    meta = layers[-1][1]["metadata"]["stmap"]
+    assert meta["kind"] == "spots" and meta["source"] == str(small_sample.outs)

@@ -290,15 +290,11 @@ def model_kind_warning(meta: dict, name: str) -> str | None:
 def opened_spots_source(meta: dict) -> Path | None:
     """What to read for a measured-spots layer napari's reader opened (its ``stmap`` metadata).
 
-    A Visium HD bin folder (``…/binned_outputs/square_008um``) gives its run folder, so every
-    bin size is offered; None when the layer has no source.
+    The path the user opened (the reader records it as ``source``); None when there is none.
     """
     if meta.get("kind") != "spots" or not meta.get("source"):
         return None
-    source = Path(meta["source"])
-    if source.parent.name == "binned_outputs":
-        source = source.parent.parent
-    return source
+    return Path(meta["source"])
 
 
 def opened_spots(layers: Sequence[Any], *, skip: str) -> tuple[Path, float | None] | None:
