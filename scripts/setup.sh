@@ -32,7 +32,7 @@ install_python_packages() {
   local constraint=(-c constraints-cpu.txt)
   if [ "${STMAP_TORCH:-}" = "cuda" ]; then constraint=(); fi
   echo "setup: installing napari-stmap into $VENV (first time: a few minutes)"
-  "$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[all,testing]"
+  "$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[all,spatialdata,testing]"
   echo "$want" > "$stamp"
 }
 
