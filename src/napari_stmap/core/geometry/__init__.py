@@ -37,7 +37,7 @@ Modules
 -------
 ``_mapgrid`` (:class:`MapGrid`), ``_footprints`` (the shapes, :func:`disks`, :func:`squares`),
 ``_region`` (:class:`Region`, :func:`rectangle_from_corners`), ``_coverage`` (exact kernels),
-``_weights`` (:func:`coverage`, :func:`weight_matrix`), ``_grids`` (:func:`spot_grid`),
+``_weights`` (:func:`coverage`, :func:`weight_matrix`, :func:`box_weights`), ``_grids`` (:func:`spot_grid`),
 ``_turns`` (:func:`turn_points`, :func:`turn_image`), ``_common`` (checks, constants).
 This module is the public face: import from ``napari_stmap.core.geometry``.
 """
@@ -49,7 +49,7 @@ from ._grids import spot_grid
 from ._mapgrid import MapGrid
 from ._region import Region, rectangle_from_corners
 from ._turns import turn_image, turn_points
-from ._weights import coverage, weight_matrix
+from ._weights import box_weights, coverage, weight_matrix
 
 __all__ = [
     "Disk",
@@ -60,6 +60,7 @@ __all__ = [
     "Rectangle",
     "Region",
     "Square",
+    "box_weights",
     "coverage",
     "disks",
     "rectangle_from_corners",

@@ -116,6 +116,35 @@ def weight_matrix(footprints: Sequence[Footprint] | Footprint, grid: MapGrid) ->
     return _to_csr(idx, rows * w + cols, frac, (len(fps), h * w))
 
 
+def box_weights(bboxes_yx: np.ndarray, grid: MapGrid) -> sp.csr_matrix:
+    """Sparse aggregation weights of many axis-aligned boxes given as one array (no objects).
+
+    The same exact weights as :func:`weight_matrix` of :class:`Rectangle` footprints, for
+    callers with very many boxes (e.g. the pixel runs of a label image, one box per run).
+
+    Parameters
+    ----------
+    bboxes_yx
+        (n, 4) level-0 px boxes ``(y0, x0, y1, x1)`` with ``y1 > y0`` and ``x1 > x0``.
+    grid
+        The map's pixel grid, shape (H, W).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Shape (n, H·W), float64: entry ``[k, i·W + j]`` is the fraction of map pixel (i, j)
+        covered by box k.
+    """
+    b = np.asarray(bboxes_yx, dtype=float).reshape(-1, 4)
+    h, w = grid.shape_hw
+    if not b.size:
+        return sp.csr_matrix((0, h * w), dtype=np.float64)
+    p = grid.pixel_px
+    cells = (np.ceil((b[:, 2] - b[:, 0]) / p) + 1) * (np.ceil((b[:, 3] - b[:, 1]) / p) + 1)
+    idx, rows, cols, frac = _chunked(_box_batch, (b,), cells.astype(np.int64), grid)
+    return _to_csr(idx, rows * w + cols, frac, (len(b), h * w))
+
+
 def _to_csr(idx: np.ndarray, flat: np.ndarray, frac: np.ndarray, shape: tuple[int, int]):
     """CSR from entries sorted by column within each footprint (as every kernel emits them)."""
     if idx.size and np.any(np.diff(idx) < 0):
