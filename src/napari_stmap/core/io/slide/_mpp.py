@@ -1,7 +1,9 @@
 """µm per pixel of a slide: from OME, SVS, the TIFF resolution tags, the user or a fallback.
 
 First found wins: the user's ``mpp=``; OME ``PhysicalSizeX`` (with its unit); the SVS
-``MPP = …`` field; ``XResolution`` / ``ResolutionUnit`` (print defaults ignored). Values outside
+``MPP = …`` field; ``XResolution`` / ``ResolutionUnit`` (print defaults ignored). Slides read
+through OpenSlide: its ``openslide.mpp-x`` (which it takes from each vendor's metadata), else
+its ``tiff.XResolution`` / ``tiff.ResolutionUnit`` properties, with the same rules. Values outside
 :data:`PLAUSIBLE_MPP_UM` are ignored; with nothing known :data:`UNKNOWN_MPP_FALLBACK` is used
 and a :class:`~napari_stmap.core.errors.StmapInputWarning` says so.
 """
@@ -46,8 +48,8 @@ def _choose_mpp(
         return found
     ignored = f"; ignored: {', '.join(notes)}" if notes else ""
     msg = (
-        f"{path.name}: µm per pixel unknown (no OME PhysicalSizeX, SVS MPP or TIFF resolution"
-        f"{ignored}); using UNKNOWN_MPP_FALLBACK = {UNKNOWN_MPP_FALLBACK:g} µm/px, so µm "
+        f"{path.name}: µm per pixel unknown (no OME PhysicalSizeX, SVS MPP, TIFF resolution or "
+        f"openslide.mpp-x{ignored}); using UNKNOWN_MPP_FALLBACK = {UNKNOWN_MPP_FALLBACK:g} µm/px, so µm "
         "values are really pixels: pass the true value with --mpp (CLI) or "
         "open_slide(..., mpp=...)"
     )
@@ -133,3 +135,56 @@ def _resolution_mpp(
         notes.append(f"TIFF resolution {per_unit:g} dpi (a screen/print default)")
         return None
     return _RESUNIT_UM[unit] / per_unit
+
+
+_OPENSLIDE_RESUNIT = {"inch": 2, "centimeter": 3}  # OpenSlide's tiff.ResolutionUnit values
+
+
+def _openslide_mpp(props: dict[str, str], path: Path, notes: list[str]) -> tuple[float, str] | None:
+    """(µm/px, source) from OpenSlide properties: ``openslide.mpp-x``, else the TIFF tags.
+
+    ``openslide.mpp-y`` is only compared (stmap assumes square pixels; a difference > 1 % is
+    logged). Implausible values go to ``notes``.
+    """
+    lo, hi = PLAUSIBLE_MPP_UM
+    candidates: list[tuple[str, float | None]] = [
+        ("openslide", _float(props.get("openslide.mpp-x"))),
+        ("tiff-resolution", _openslide_resolution_mpp(props, notes)),
+    ]
+    for source, value in candidates:
+        if value is None:
+            continue
+        if not lo <= value <= hi:
+            notes.append(f"{source} {value:g} µm/px (implausible)")
+            log.warning("%s: ignoring implausible %s µm/px %g", path, source, value)
+            continue
+        mpp_y = _float(props.get("openslide.mpp-y")) if source == "openslide" else None
+        if mpp_y is not None and not math.isclose(value, mpp_y, rel_tol=1e-2):
+            log.warning(
+                "%s: pixels are not square (%g x %g µm, x by y); using the x size",
+                path,
+                value,
+                mpp_y,
+            )
+        return value, source
+    return None
+
+
+def _openslide_resolution_mpp(props: dict[str, str], notes: list[str]) -> float | None:
+    """µm/px from OpenSlide's ``tiff.XResolution`` / ``tiff.ResolutionUnit`` properties."""
+    per_unit = _float(props.get("tiff.XResolution"))
+    unit = _OPENSLIDE_RESUNIT.get((props.get("tiff.ResolutionUnit") or "inch").strip().lower())
+    if per_unit is None or per_unit <= 0 or unit is None:
+        return None
+    if unit == 2 and per_unit <= 1200 and per_unit == int(per_unit):
+        notes.append(f"TIFF resolution {per_unit:g} dpi (a screen/print default)")
+        return None
+    return _RESUNIT_UM[unit] / per_unit
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None

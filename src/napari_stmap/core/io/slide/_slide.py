@@ -1,8 +1,16 @@
 """The :class:`Slide` (lazy levels plus µm/px) and :func:`open_slide`, with its argument checks.
 
-:func:`open_slide` checks the path and ``mpp=``, opens the file (TIFF family through
-:mod:`._tiff`, JPEG/PNG through :mod:`._pixels`), completes the pyramid and settles the µm/px
-(:mod:`._mpp`).
+:func:`open_slide` checks the path, ``mpp=`` and ``backend=``, opens the file (TIFF family
+through :mod:`._tiff`, vendor formats through :mod:`._openslide`, JPEG/PNG through
+:mod:`._pixels`), completes the pyramid and settles the µm/px (:mod:`._mpp`).
+
+Which reader (``backend="auto"``): JPEG/PNG -> Pillow; ``.mrxs``, ``.vms``, ``.vmu``,
+``.bif``, ``.svslide``, ``.dcm`` -> OpenSlide (tifffile cannot read them, or cannot stitch
+their overlapping tiles); the TIFF family -> tifffile (it reads the tiles straight from the
+file: faster, no RGBA copy), except a file OpenSlide recognises as Leica, Philips, Ventana or
+Trestle (their regions, sparse or overlapping tiles need OpenSlide's layout), and except a
+TIFF that tifffile cannot read but OpenSlide can (then OpenSlide, logged). Without OpenSlide
+installed, "auto" reads the TIFF family with tifffile as before.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import numpy as np
 
 from ...errors import StmapInputError
 from ._mpp import _choose_mpp
+from ._openslide import OPENSLIDE_INSTALL, OPENSLIDE_VENDORS, _detect_vendor, _open_openslide
+from ._openslide import openslide_available as _openslide_available
 from ._pixels import _bbox_pairs, _level_downsample, _level_span, _open_raster, _pyramid
 from ._tiff import _open_tiff
 
@@ -26,8 +36,12 @@ log = logging.getLogger(__name__)
 USER_MPP_RANGE_UM: tuple[float, float] = (0.01, 1000.0)
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2", ".ndpi", ".scn", ".qptiff")
+#: Formats only OpenSlide reads: MIRAX, Hamamatsu VMS/VMU, Ventana BIF, Sakura, DICOM WSI.
+OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
-SUPPORTED_SUFFIXES = TIFF_SUFFIXES + RASTER_SUFFIXES
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + RASTER_SUFFIXES
+#: ``backend=`` values of :func:`open_slide` (``--backend`` in the CLI).
+BACKENDS = ("auto", "tifffile", "openslide")
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,13 +57,17 @@ class Slide:
     mpp : float
         µm per level-0 pixel.
     mpp_source : str
-        Where ``mpp`` came from: ``"user"``, ``"ome"``, ``"svs"``, ``"tiff-resolution"`` or
-        ``"fallback"`` (unknown; :data:`UNKNOWN_MPP_FALLBACK`).
+        Where ``mpp`` came from: ``"user"``, ``"ome"``, ``"svs"``, ``"tiff-resolution"``,
+        ``"openslide"`` (OpenSlide's ``openslide.mpp-x``) or ``"fallback"`` (unknown;
+        :data:`UNKNOWN_MPP_FALLBACK`).
+    backend : str
+        The reader behind ``levels``: ``"tifffile"``, ``"openslide"`` or ``"pillow"``
+        (JPEG/PNG).
 
     Notes
     -----
-    For TIFF files the arrays read from the open file on demand (see the notes of
-    :mod:`napari_stmap.core.io.slide`).
+    For TIFF and OpenSlide files the arrays read from the open file on demand (see the notes
+    of :mod:`napari_stmap.core.io.slide`).
     Slides compare by identity.
     """
 
@@ -57,6 +75,7 @@ class Slide:
     levels: tuple[da.Array, ...]
     mpp: float
     mpp_source: str
+    backend: str = "tifffile"
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -166,15 +185,21 @@ class Slide:
         return level
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open an H&E slide lazily.
 
     Parameters
     ----------
     path : str or Path
-        TIFF / OME-TIFF / SVS / BigTIFF, JPEG or PNG file.
+        TIFF / OME-TIFF / SVS / BigTIFF / NDPI / SCN / Philips TIFF, MIRAX ``.mrxs`` (next to
+        its folder), Hamamatsu ``.vms`` / ``.vmu``, Ventana ``.bif``, Sakura ``.svslide``,
+        DICOM WSI ``.dcm``, JPEG or PNG file.
     mpp : float, optional
         µm per level-0 pixel; overrides what the file declares.
+    backend : {"auto", "tifffile", "openslide"}
+        Reader: ``"auto"`` picks tifffile for the TIFF family it lays out natively and
+        OpenSlide for the rest (see the module notes); ``"tifffile"`` (JPEG/PNG: Pillow) and
+        ``"openslide"`` force one. OpenSlide needs ``pip install "napari-stmap[openslide]"``.
 
     Returns
     -------
@@ -185,26 +210,26 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     Raises
     ------
     StmapInputError
-        Missing file, a folder, an unsupported type, a truncated or corrupt file, an image
-        that is not RGB/grayscale, or an implausible ``mpp``.
+        Missing file, a folder, an unsupported type, a truncated or corrupt file, a file no
+        reader can open, an image that is not RGB/grayscale, an implausible ``mpp``, an
+        unknown ``backend``, or OpenSlide needed but not installed.
 
     Warns
     -----
     StmapInputWarning
         When the µm/px is unknown and :data:`UNKNOWN_MPP_FALLBACK` is used.
     """
+    backend = _check_backend(backend)
     path = _check_path(path)
     user_mpp = None if mpp is None else _check_user_mpp(mpp, path)
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        file_levels, file_mpp, notes = [_open_raster(path)], None, []
-    else:
-        file_levels, file_mpp, notes = _open_tiff(path)
+    file_levels, file_mpp, notes, used = _open_levels(path, backend)
     levels = _pyramid(file_levels)
     value, source = _choose_mpp(path, user_mpp, file_mpp, notes)
-    slide = Slide(path=path, levels=levels, mpp=value, mpp_source=source)
+    slide = Slide(path=path, levels=levels, mpp=value, mpp_source=source, backend=used)
     log.info(
-        "opened %s: %d x %d px (y, x), %d levels (%d in the file), %.4g µm/px (%s)",
+        "opened %s with %s: %d x %d px (y, x), %d levels (%d in the file), %.4g µm/px (%s)",
         path,
+        used,
         *slide.shape_yx,
         slide.n_levels,
         len(file_levels),
@@ -212,6 +237,82 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
         source,
     )
     return slide
+
+
+def _open_levels(
+    path: Path, backend: str
+) -> tuple[list[da.Array], tuple[float, str] | None, list[str], str]:
+    """(file levels, file mpp, mpp notes, backend used) by the rules of the module notes."""
+    suffix = path.suffix.lower()
+    if suffix in RASTER_SUFFIXES:
+        if backend == "openslide":
+            msg = (
+                f"{path}: OpenSlide does not read {suffix} images; use backend 'auto' or 'tifffile'"
+            )
+            raise StmapInputError(msg)
+        return [_open_raster(path)], None, [], "pillow"
+    if backend == "tifffile" and suffix in OPENSLIDE_SUFFIXES:
+        msg = (
+            f"{path}: tifffile cannot read {suffix} slides; use backend 'openslide' or 'auto' "
+            f"(needs {OPENSLIDE_INSTALL})"
+        )
+        raise StmapInputError(msg)
+    if backend == "openslide" or (backend == "auto" and suffix in OPENSLIDE_SUFFIXES):
+        return _via_openslide(path)
+    if backend == "auto" and _openslide_available():
+        vendor = _detect_vendor(path)
+        if vendor in OPENSLIDE_VENDORS:
+            log.info("%s: %s slide, read through OpenSlide", path, vendor)
+            return _via_openslide(path)
+        try:
+            return (*_open_tiff(path), "tifffile")
+        except StmapInputError as exc:
+            if vendor is None:
+                raise
+            log.warning(
+                "%s: tifffile cannot read it (%s); trying OpenSlide (%s)", path, exc, vendor
+            )
+            try:
+                return _via_openslide(path)
+            except StmapInputError:
+                raise exc from None
+    return (*_open_tiff(path), "tifffile")
+
+
+def _via_openslide(path: Path) -> tuple[list[da.Array], tuple[float, str] | None, list[str], str]:
+    levels, file_mpp, notes, _vendor = _open_openslide(path, _unreadable_msg(path))
+    return levels, file_mpp, notes, "openslide"
+
+
+def _unreadable_msg(path: Path) -> str:
+    hint = (
+        "; a MIRAX .mrxs needs its folder of the same name next to it"
+        if path.suffix.lower() == ".mrxs"
+        else ""
+    )
+    return (
+        f"{path}: OpenSlide cannot read this file (not a slide it knows, or damaged){hint}; "
+        f"supported: {_formats_text()}"
+    )
+
+
+def _formats_text() -> str:
+    return (
+        "TIFF family via tifffile (" + ", ".join(TIFF_SUFFIXES) + "); via OpenSlide: MIRAX "
+        ".mrxs, Hamamatsu .ndpi/.vms/.vmu, Leica .scn, Ventana .bif, Philips TIFF, Sakura "
+        ".svslide, DICOM WSI .dcm, Aperio .svs, generic tiled TIFF; JPEG/PNG"
+    )
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        msg = (
+            f"backend={backend!r} is not a slide reader; use one of "
+            + ", ".join(repr(b) for b in BACKENDS)
+            + " (--backend in the CLI)"
+        )
+        raise StmapInputError(msg)
+    return backend
 
 
 def _check_path(path: str | Path) -> Path:
