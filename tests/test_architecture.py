@@ -35,7 +35,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("networks", ("core.model",)),
     ("stores and measurements", ("core.store", "core.measured")),
     ("prediction", ("core.predict",)),
-    ("evaluation and regions", ("core.evaluate", "core.compare", "core.regions")),
+    (
+        "evaluation and regions",
+        ("core.evaluate", "core.compare", "core.regions", "core.contrast"),
+    ),
     ("training", ("core.training",)),
     ("descriptions", ("core.info", "core")),
     ("napari glue", ("_layers", "_reader", "_writer", "_sample_data")),

@@ -2,9 +2,9 @@
 
 Bad input (a missing file, a truncated TIFF, a folder that is not Space Ranger output, ...)
 exits with code 2 and one line on stderr naming the file and the fix, never a traceback.
-The subcommands live in :mod:`.info` (info, synth), :mod:`.model` (train, evaluate) and
-:mod:`.engine` (predict, aggregate); this module assembles them. Importing it stays light
-(no torch, dask, zarr or anndata until a command runs).
+The subcommands live in :mod:`.info` (info, synth), :mod:`.model` (train, evaluate),
+:mod:`.engine` (predict, aggregate) and :mod:`.contrast` (contrast); this module assembles them.
+Importing it stays light (no torch, dask, zarr or anndata until a command runs).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .common import VERBOSE_HELP, _configure_logging, _show_warning, run_command
+from .contrast import _add_contrast
 from .engine import _add_aggregate, _add_predict
 from .info import _add_info, _add_synth
 from .model import _add_evaluate, _add_train
@@ -22,7 +23,15 @@ from .model import _add_evaluate, _add_train
 __all__ = ["build_parser", "main"]
 
 #: Subcommand registrars, in the order ``stmap --help`` lists them.
-_SUBCOMMANDS = (_add_info, _add_synth, _add_train, _add_evaluate, _add_predict, _add_aggregate)
+_SUBCOMMANDS = (
+    _add_info,
+    _add_synth,
+    _add_train,
+    _add_evaluate,
+    _add_predict,
+    _add_aggregate,
+    _add_contrast,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
