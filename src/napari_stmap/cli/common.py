@@ -95,6 +95,18 @@ def _add_region(parser: argparse.ArgumentParser, help_text: str) -> None:
     )
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend auto|tifffile|openslide``: the slide reader (checked by ``open_slide``)."""
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        metavar="{auto,tifffile,openslide}",
+        help="slide reader: auto (tifffile for the TIFF family it reads natively, OpenSlide for "
+        "MIRAX, VMS/VMU, BIF, SCN, Philips and other vendor formats), tifffile or openslide "
+        '(pip install "napari-stmap[openslide]"); default auto',
+    )
+
+
 def _add_precision(parser: argparse.ArgumentParser) -> None:
     """``--precision auto|fp32|bf16``: autocast dtype of dense models (default auto)."""
     parser.add_argument(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import StmapInputError
-from .common import _add_precision, _add_region, _progress
+from .common import _add_backend, _add_precision, _add_region, _progress
 
 __all__ = ["_add_aggregate", "_add_predict", "cmd_aggregate", "cmd_predict"]
 
@@ -69,6 +69,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--all-tiles", action="store_true", help="predict off-tissue tiles too")
     _add_precision(p)
+    _add_backend(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -117,7 +118,7 @@ def cmd_predict(args) -> int:
         if not slide.exists():
             msg = f"{slide}: slide not found; check the path"
             raise StmapInputError(msg)
-    slides = [open_slide(s, mpp=args.mpp) for s, _ in pairs]
+    slides = [open_slide(s, mpp=args.mpp, backend=args.backend) for s, _ in pairs]
     options = {"tissue": not args.all_tiles, "max_memory_gb": args.max_memory, "on_plan": _say}
     if args.tile_px:
         options["tile_px"] = args.tile_px

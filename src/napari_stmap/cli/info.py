@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..core.errors import StmapInputError
-from .common import _float_list, _progress
+from .common import _add_backend, _float_list, _progress
 
 __all__ = ["_add_info", "_add_synth", "cmd_info", "cmd_synth"]
 
@@ -32,6 +32,7 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--bin-um", type=float, default=None, help="Visium HD bin size to describe")
+    _add_backend(p)
     p.set_defaults(func=cmd_info)
 
 
@@ -39,7 +40,7 @@ def cmd_info(args) -> int:
     """``stmap info PATH [--json]``."""
     from ..core.info import describe
 
-    info = describe(args.path, mpp=args.mpp, bin_um=args.bin_um)
+    info = describe(args.path, mpp=args.mpp, bin_um=args.bin_um, backend=args.backend)
     if args.json:
         print(json.dumps(info))
     else:

@@ -7,13 +7,22 @@ from pathlib import Path
 from .errors import StmapInputError
 
 
-def describe(path: str | Path, *, mpp: float | None = None, bin_um: float | None = None) -> dict:
+def describe(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    bin_um: float | None = None,
+    backend: str = "auto",
+) -> dict:
     """Describe a slide, measured spots/bins or a prediction store as a JSON-ready dict.
+
+    ``backend`` is the slide reader (see :func:`~napari_stmap.core.io.slide.open_slide`).
 
     Returns
     -------
     dict
-        Slide: ``{"kind": "slide", "shape_yx": [H, W], "levels": n, "mpp": µm/px, ...}``.
+        Slide: ``{"kind": "slide", "shape_yx": [H, W], "levels": n, "mpp": µm/px,
+        "backend": reader, ...}``.
         Spots: ``{"kind": "spots", "n_spots": n, "n_genes": g, "bin_um": b,
         "footprint": "disk"|"square", "mpp": µm/px, ...}``.
         Prediction store (``stmap predict --out``): ``{"kind": "prediction store", "model":
@@ -59,19 +68,20 @@ def describe(path: str | Path, *, mpp: float | None = None, bin_um: float | None
             "binned_outputs/square_NNNum/ or a .h5ad); point to the 'outs' folder"
         )
         raise StmapInputError(msg)
-    return _describe_slide(path, mpp)
+    return _describe_slide(path, mpp, backend)
 
 
-def _describe_slide(path: Path, mpp: float | None) -> dict:
+def _describe_slide(path: Path, mpp: float | None, backend: str = "auto") -> dict:
     from .io.slide import open_slide
 
-    slide = open_slide(path, mpp=mpp)
+    slide = open_slide(path, mpp=mpp, backend=backend)
     return {
         "kind": "slide",
         "shape_yx": list(slide.shape_yx),
         "levels": slide.n_levels,
         "mpp": slide.mpp,
         "mpp_source": slide.mpp_source,
+        "backend": slide.backend,
         "path": str(path),
     }
 

@@ -54,6 +54,7 @@ class _Job:
     precision: str
     readers: int
     image_cache_bytes: int
+    slide_backend: str = "auto"  # the reader the slide was opened with (workers reopen it)
 
 
 _CACHE_LOCK = threading.RLock()
@@ -101,10 +102,10 @@ def _cached_model(path: str, sha: str | None, device: str) -> Any:
 
 def _cached_slide(job: _Job, spec: TileSpec) -> SlideReader:
     def make() -> tuple[Any, SlideReader]:
-        slide = open_slide(job.slide_path, mpp=job.slide_mpp)
+        slide = open_slide(job.slide_path, mpp=job.slide_mpp, backend=job.slide_backend)
         return slide, SlideReader(slide, spec, job.image_cache_bytes)
 
-    key = (job.slide_path, job.slide_mpp, job.store_id)
+    key = (job.slide_path, job.slide_mpp, job.slide_backend, job.store_id)
     return _lru_get(_SLIDES, key, make, _MAX_SLIDES)[1]
 
 
@@ -186,8 +187,15 @@ def _prepare_slide(
         precision=opts["precision"],
         readers=int(opts["readers"]),
         image_cache_bytes=int(opts["image_cache_bytes"]),
+        slide_backend=_reopen_backend(slide),
     )
     return store, job, _blocks(tiles, opts["tiles_per_task"])
+
+
+def _reopen_backend(slide: Any) -> str:
+    """``backend=`` that reopens ``slide`` with the same reader (``"auto"`` for JPEG/PNG)."""
+    backend = getattr(slide, "backend", "auto")
+    return backend if backend in ("tifffile", "openslide") else "auto"
 
 
 def predict_slide(

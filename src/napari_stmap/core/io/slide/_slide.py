@@ -268,7 +268,8 @@ def _open_levels(
             return (*_open_tiff(path), "tifffile")
         except StmapInputError as exc:
             if vendor is None:
-                raise
+                msg = f"{exc}; OpenSlide cannot read it either (supported: {_formats_text()})"
+                raise StmapInputError(msg) from exc
             log.warning(
                 "%s: tifffile cannot read it (%s); trying OpenSlide (%s)", path, exc, vendor
             )
