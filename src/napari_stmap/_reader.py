@@ -1,7 +1,9 @@
 """npe2 reader: H&E slides, Space Ranger output folders, spatial ``.h5ad`` and GeoJSON shapes.
 
 ``napari_get_reader`` returns ``None`` for anything it does not recognise and never raises on
-foreign files. Slides open as a multiscale RGB image in µm; measured bins open aligned with the
+foreign files. Slides (every type :func:`~napari_stmap.core.io.slide.open_slide` reads: the
+TIFF family, OpenSlide's vendor formats such as ``.mrxs``, ``.ndpi``, ``.scn``, ``.vms``,
+``.bif``, and JPEG/PNG) open as a multiscale RGB image in µm; measured bins open aligned with the
 slide. A Space Ranger folder (which holds no full-resolution image) also shows its hires image
 scaled into full-resolution coordinates, so the bins sit on the tissue. GeoJSON shapes (QuPath
 annotations, ``[x, y]`` level-0 px) open as a Shapes layer in level-0 px (y, x) scaled by the
@@ -17,7 +19,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".jpg", ".jpeg", ".png")
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
 
@@ -48,13 +49,30 @@ def _classify(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
         return "spots" if detect_spots_layout(path) else None
-    if suffix in SLIDE_SUFFIXES and path.is_file():
-        return "slide"
+    if suffix in _slide_suffixes() and path.is_file():
+        return "slide" if suffix != ".dcm" or _is_dicom_slide(path) else None
     if suffix in GEOJSON_SUFFIXES:
         from .core.io.regions import is_geojson
 
         return "geojson" if is_geojson(path) else None
     return None
+
+
+def _slide_suffixes() -> tuple[str, ...]:
+    from .core.io.slide import SUPPORTED_SUFFIXES
+
+    return SUPPORTED_SUFFIXES
+
+
+def _is_dicom_slide(path: Path) -> bool:
+    """A ``.dcm`` is ours only when OpenSlide sees a whole-slide image (not CT/MR)."""
+    from .core.io.slide import openslide_available
+
+    if not openslide_available():
+        return False
+    import openslide
+
+    return openslide.OpenSlide.detect_format(str(path)) == "dicom"
 
 
 def read_slide_layers(path: str | list[str]) -> list:
