@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("prediction", ("core.predict",)),
     (
         "evaluation and regions",
-        ("core.evaluate", "core.compare", "core.regions", "core.contrast"),
+        ("core.evaluate", "core.compare", "core.regions", "core.contrast", "core.cells"),
     ),
     ("training", ("core.training",)),
     ("descriptions", ("core.info", "core")),

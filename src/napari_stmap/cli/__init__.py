@@ -3,7 +3,8 @@
 Bad input (a missing file, a truncated TIFF, a folder that is not Space Ranger output, ...)
 exits with code 2 and one line on stderr naming the file and the fix, never a traceback.
 The subcommands live in :mod:`.info` (info, synth), :mod:`.model` (train, evaluate),
-:mod:`.engine` (predict, aggregate) and :mod:`.contrast` (contrast); this module assembles them.
+:mod:`.engine` (predict, aggregate), :mod:`.contrast` (contrast) and :mod:`.cells` (cells);
+this module assembles them.
 Importing it stays light (no torch, dask, zarr or anndata until a command runs).
 """
 
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from .. import __version__
+from .cells import _add_cells
 from .common import VERBOSE_HELP, _configure_logging, _show_warning, run_command
 from .contrast import _add_contrast
 from .engine import _add_aggregate, _add_predict
@@ -31,6 +33,7 @@ _SUBCOMMANDS = (
     _add_predict,
     _add_aggregate,
     _add_contrast,
+    _add_cells,
 )
 
 
