@@ -15,6 +15,16 @@ here, only that it runs), then measures:
   does not rerun) and the layer refreshed with them; and the longest Qt gap meanwhile;
 - the time one refresh of a heatmap layer takes on the Qt thread.
 
+With ``--first-pixels`` it measures instead the time from "Predict view" to the first non-NaN
+heatmap pixel handed to napari to draw, with the default PixNet architecture (ResNet-18,
+random init: the speed does not depend on the weights) on HER2ST C2 (``../shared/data``; the
+synthetic sample when absent), zoomed to ~1.2 mm of tissue at the slide's centre, the predictor
+already built (a gene layer was added, as a user does), each run on a fresh store. A/B in one
+run, alternating: small preview tiles first (the default on a CPU) against regular tiles only
+(``DEFAULT_PREVIEW_TILES = 0``, the behaviour before issue 14)::
+
+    .venv/bin/python benchmarks/bench_viewer.py --first-pixels [--repeats 3]
+
 The CPU is often shared: the 1-minute load average before and after is printed with the table.
 The script also runs on a checkout from before issue #5 (heatmaps as dask arrays computed on the
 Qt thread), for a before/after in the same conditions::
@@ -48,7 +58,11 @@ def main(argv=None) -> int:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--first-pixels", action="store_true", help="time click -> first pixel")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.first_pixels:
+        return first_pixels(args.repeats)
     load_before = os.getloadavg()[0]
     display = None
     if not os.environ.get("DISPLAY"):  # napari needs OpenGL: a virtual X display (Xvfb)
@@ -176,6 +190,101 @@ def main(argv=None) -> int:
     print("| measure | value |\n|---|---:|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    session.close()
+    viewer.close()
+    if display is not None:
+        display.stop()
+    return 0
+
+
+def _her2st_c2() -> Path | None:
+    here = Path(__file__).resolve().parents[1]
+    path = here.parent / "shared" / "data" / "her2st" / "C2" / "he.ome.tif"
+    return path if path.is_file() else None
+
+
+def first_pixels(repeats: int) -> int:
+    """Click "Predict view" -> first non-NaN heatmap pixel napari gets, previews on vs off."""
+    load_before = os.getloadavg()[0]
+    display = None
+    if not os.environ.get("DISPLAY"):
+        from pyvirtualdisplay import Display
+
+        display = Display(visible=False, size=(1600, 1000), color_depth=24)
+        display.start()
+    logging.basicConfig(level=logging.WARNING)
+    import napari
+    import torch
+
+    import napari_stmap.core.predict.predictor as predictor_module
+    from napari_stmap._sample_data import ensure_sample
+    from napari_stmap._widgets._session import get_session
+    from napari_stmap._widgets.genes import GenesWidget
+    from napari_stmap._widgets.predict import PredictWidget
+    from napari_stmap._widgets.slide_data import SlideDataWidget
+    from napari_stmap.core.model import create_model, save_model
+    from napari_stmap.core.predict import live_view
+
+    slide_path = _her2st_c2()
+    genes = [f"GENE{i}" for i in range(250)]
+    if slide_path is None:
+        sample = ensure_sample()
+        slide_path, genes = Path(sample.slide), list(sample.genes)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_first_"))
+    torch.manual_seed(0)
+    save_model(create_model("pixnet", genes=genes), tmp / "pixnet.safetensors")
+
+    first: dict[str, float] = {}
+    original = live_view._LiveArray.__getitem__
+
+    def recording(self, key):
+        out = original(self, key)
+        if "t" not in first and np.isfinite(out).any():
+            first["t"] = time.perf_counter()
+        return out
+
+    live_view._LiveArray.__getitem__ = recording
+    viewer = napari.Viewer(show=False)
+    session = get_session(viewer)
+    data, predict, genes_dock = SlideDataWidget(viewer), PredictWidget(viewer), GenesWidget(viewer)
+    worker = data.load_slide(slide_path)
+    _run(180, lambda: session.slide is not None and (worker is None or not worker.is_running))
+    data.load_model(tmp / "pixnet.safetensors")
+    h, w = session.slide.shape_yx
+    viewer.camera.center = (h * session.mpp / 2, w * session.mpp / 2)
+    viewer.camera.zoom = float(viewer.canvas.size[1]) / 1200.0  # ~1.2 mm across
+
+    results: dict[str, list[float]] = {"regular tiles only (before)": [], "preview tiles first": []}
+    tile_info = ""
+    for k in range(repeats * 2):
+        arm = list(results)[k % 2]
+        predictor_module.DEFAULT_PREVIEW_TILES = 4 if k % 2 else 0
+        session.drop_predictor()
+        session.store_root = tmp / f"stores{k}"  # a fresh store: nothing predicted yet
+        for layer in list(genes_dock.gene_layers()):
+            viewer.layers.remove(layer)
+        genes_dock.add_gene(genes[0])  # builds the predictor, as a user's first gene does
+        _run(300, lambda: session.predictor is not None and bool(genes_dock.gene_layers()))
+        _run(1.0, lambda: False)  # the new layer settles
+        pred = session.predictor
+        tile_info = f"tile {pred.spec.tile_px} px, window {pred.spec.window_px} px"
+        first.clear()
+        t0 = time.perf_counter()
+        predict.predict_view()
+        _run(120, lambda: "t" in first)
+        results[arm].append(first.get("t", float("nan")) - t0)
+        pred.cancel()
+        pred.wait(120)
+    load_after = os.getloadavg()[0]
+    live_view._LiveArray.__getitem__ = original
+    print(f"slide: {slide_path.name}, model: default PixNet ({tile_info}), {repeats} runs each")
+    print("| click → first heatmap pixel | median | runs |\n|---|---:|---|")
+    for arm, times in results.items():
+        runs = ", ".join(f"{t:.2f}" for t in times)
+        print(f"| {arm} | {np.median(times):.2f} s | {runs} |")
+    a, b = (np.median(v) for v in results.values())
+    print(f"ratio preview / before: {b / a:.2f}")
+    print(f"1-min load average before / after: {load_before:.2f} / {load_after:.2f}")
     session.close()
     viewer.close()
     if display is not None:

@@ -217,6 +217,7 @@ class PredictionsMixin:
                 num_threads=gui_threads(),
             )
             pred.display_mask()  # heatmaps hide glass; reads a thumbnail: not on the Qt thread
+            pred.warm_up()  # the first "predict what I see" then shows pixels sooner
             return pred
 
         def done(pred) -> None:
@@ -255,13 +256,18 @@ class PredictionsMixin:
             progress={"total": 0, "desc": "stmap: loading model"},
         )
 
-    def request(self, bbox_yx: Sequence[float] | None, *, replace_goal: bool = True) -> int:
-        """Ask the predictor for a level-0 px box (None: whole slide); returns tiles queued."""
+    def request(
+        self, bbox_yx: Sequence[float] | None, *, replace_goal: bool = True, preview: bool = False
+    ) -> int:
+        """Ask the predictor for a level-0 px box (None: whole slide); returns tiles queued.
+
+        ``preview``: small tiles at the box's centre first (first pixels sooner on a CPU).
+        """
         pred = self.predictor
         if pred is None:
             return 0
         box = (0.0, 0.0, *map(float, self.slide.shape_yx)) if bbox_yx is None else tuple(bbox_yx)
-        n = pred.request(box)
+        n = pred.request(box, preview=preview)
         tiles = pred.spec.tiles_in_bbox(box)
         self.goal = tiles if replace_goal else sorted(set(self.goal) | set(tiles))
         self._set_busy(pred.pending > 0)

@@ -152,7 +152,7 @@ class PredictWidget(QWidget):
                 self.status.setText("The view does not show the slide; pan to it.")
                 self._set_running(pred.pending > 0)
                 return
-            n = s.request(box) if box is not None else 0
+            n = s.request(box, preview=True) if box is not None else 0
             if whole:
                 n += s.request(None, replace_goal=True)
             self.status.setText(f"{n} tiles queued ({'whole slide' if whole else 'view'}).")

@@ -263,6 +263,14 @@ class PredictionStore:
         Decoded embedding chunks (float32 ``(D, h, w)``), shared by all views of this store.
     view_cache : LRUCache
         Gene-map chunks computed from them by the views (see :mod:`~napari_stmap.core.predict.views`).
+
+    Notes
+    -----
+    *Previews* (:meth:`write_preview`) are embeddings of parts of tiles still to do, made by
+    small tiles so that a viewer shows its first pixels sooner (see
+    :mod:`~napari_stmap.core.predict.preview`). They live in memory only, are never read by
+    :meth:`read_embedding` (so region sums, exports and whole-slide views never see them) and
+    are dropped when the tile itself is written: the files on disk hold regular tiles only.
     """
 
     def __init__(self, group: Any, path: Path, *, cache_bytes: int, writable: bool) -> None:
@@ -279,6 +287,7 @@ class PredictionStore:
         self.writable = writable
         self._lock = threading.Lock()
         self.done = np.zeros(self.spec.grid_shape, dtype=np.uint8)
+        self._previews: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
         self.refresh()
 
     def __repr__(self) -> str:
@@ -332,6 +341,8 @@ class PredictionStore:
         fresh = np.asarray(self._done_arr[...], dtype=np.uint8)
         with self._lock:  # states only move on from TODO: keep flags set meanwhile
             self.done = np.maximum(self.done, fresh) if self.done.shape == fresh.shape else fresh
+            for tile in [t for t in self._previews if self.done[t] != TODO]:
+                del self._previews[tile]
 
     def state(self, tile: tuple[int, int]) -> int:
         """:data:`TODO`, :data:`DONE` or :data:`SKIPPED` for ``tile``."""
@@ -382,6 +393,57 @@ class PredictionStore:
             self.cache.pop((int(tile[0]), int(tile[1])))
             self.view_cache.clear()
         self._set_done(int(tile[0]), int(tile[1]), DONE)
+        with self._lock:
+            self._previews.pop((int(tile[0]), int(tile[1])), None)
+
+    # --- previews (memory only) ---------------------------------------------------------
+    def write_preview(self, tile: tuple[int, int], y0: int, x0: int, embedding: np.ndarray) -> bool:
+        """Keep a preview of part of a tile still to do: embedding ``(D, h, w)`` float32 whose
+        top-left output px is ``(y0, x0)`` relative to the tile's output region (clipped to it).
+
+        Returns False (and keeps nothing) when the tile is no longer to do.
+        """
+        tile = (int(tile[0]), int(tile[1]))
+        rows, cols = self.spec.output_slices(tile)
+        h, w = rows.stop - rows.start - int(y0), cols.stop - cols.start - int(x0)
+        emb = np.asarray(embedding, dtype=np.float32)
+        if emb.ndim != 3 or emb.shape[0] != self.embed_dim:
+            msg = f"preview of tile {tile} has shape {emb.shape}; expected ({self.embed_dim}, h, w)"
+            raise ValueError(msg)
+        emb = emb[:, : max(h, 0), : max(w, 0)]
+        with self._lock:
+            if self.done[tile] != TODO or emb.size == 0:
+                return False
+            self._previews.setdefault(tile, []).append((int(y0), int(x0), emb))
+        return True
+
+    def has_preview(self, tile: tuple[int, int]) -> bool:
+        """Whether a tile still to do has a preview of some of its pixels."""
+        return (int(tile[0]), int(tile[1])) in self._previews
+
+    def preview_covers(self, tile: tuple[int, int], y0: int, x0: int, y1: int, x1: int) -> bool:
+        """Whether previews of ``tile`` cover output px ``[y0, y1) × [x0, x1)`` of it."""
+        with self._lock:
+            parts = list(self._previews.get((int(tile[0]), int(tile[1])), ()))
+        for py, px, emb in parts:
+            if py <= y0 and px <= x0 and py + emb.shape[1] >= y1 and px + emb.shape[2] >= x1:
+                return True
+        return False
+
+    def read_preview(self, tile: tuple[int, int]) -> np.ndarray | None:
+        """A tile's previews as one ``(D, h, w)`` float32 embedding (NaN where none), else None."""
+        tile = (int(tile[0]), int(tile[1]))
+        with self._lock:
+            parts = list(self._previews.get(tile, ()))
+        if not parts:
+            return None
+        rows, cols = self.spec.output_slices(tile)
+        out = np.full(
+            (self.embed_dim, rows.stop - rows.start, cols.stop - cols.start), np.nan, np.float32
+        )
+        for py, px, emb in parts:
+            out[:, py : py + emb.shape[1], px : px + emb.shape[2]] = emb
+        return out
 
     def read_embedding(self, tile: tuple[int, int]) -> np.ndarray | None:
         """Decoded float32 embedding ``(D, h, w)`` of a done tile (cached), else None."""

@@ -166,7 +166,8 @@ class LiveGeneView:
     predicted yet or its block is still being computed, and hands the missing blocks to
     ``worker`` (a :class:`ViewWorker`); once some are ready :meth:`take_updated` is True and
     the GUI reads again (refreshes the layer). :meth:`tiles_done` recomputes the blocks of
-    newly predicted tiles that the latest read of a level showed. Values equal
+    newly predicted tiles that the latest read of a level showed. A tile still to do that has
+    previews (:mod:`~.preview`) shows them until it is predicted. Values equal
     :func:`~.views.gene_view`'s (same modes, levels, background); the network never runs.
 
     Parameters
@@ -276,14 +277,21 @@ class LiveGeneView:
     # --- internals ----------------------------------------------------------------------
     def _compute(self, level: int, tile: Tile) -> None:
         key = (level, *tile)
-        if self.closed or key in self._cache or self.store.state(tile) != DONE:
+        if self.closed or key in self._cache or not self._shows(tile):
             return  # cached: computed meanwhile (e.g. by level_data), nothing new to show
-        block = _view_block(self.store, self.rows, self.mode, level, self.background, *tile)
+        block = _view_block(
+            self.store, self.rows, self.mode, level, self.background, *tile, preview=True
+        )
         if self.mask is not None:
             block = self._masked(block, level, tile)
         self._cache.put(key, block)
         with self._lock:
             self._updated = True
+
+    def _shows(self, tile: Tile) -> bool:
+        """Whether ``tile`` has values to show: done, or previewed while still to do."""
+        state = self.store.state(tile)
+        return state == DONE or (state == TODO and self.store.has_preview(tile))
 
     def _masked(self, block: np.ndarray, level: int, tile: Tile) -> np.ndarray:
         """``block`` with NaN where the centre of a pixel is off :attr:`mask`."""
@@ -321,7 +329,7 @@ class LiveGeneView:
             a0, a1 = max(ry.start, int(ys[i])), min(ry.stop, int(ys[i + 1]))
             for j in range(j0, j1):
                 state = self.store.state((i, j))
-                if state == TODO:
+                if state == TODO and not self.store.has_preview((i, j)):
                     continue
                 b0, b1 = max(rx.start, int(xs[j])), min(rx.stop, int(xs[j + 1]))
                 dst = (slice(a0 - ry.start, a1 - ry.start), slice(b0 - rx.start, b1 - rx.start))

@@ -179,7 +179,8 @@ class _Pipeline:
     A *feed* supplies tiles: ``next(block, halt)`` returns ``(tile, tag)``, ``_EMPTY`` (nothing
     right now; only when ``block`` is False) or None (finished); ``keep(tile, tag)`` says whether
     a prefetched tile is still wanted; ``finished(tile, tag, ok)`` is called once per tile
-    taken, after its write (``ok``) or when it is dropped. A *sink* (``store``) has
+    taken, after its write (``ok``) or when it is dropped; an optional ``urgent()`` returns a
+    callable the compute thread runs before its next batch (or None). A *sink* (``store``) has
     ``write_tile(tile, output)``: a :class:`~napari_stmap.core.store.PredictionStore`
     (embeddings: chunk, then done flag) or an in-memory map (``head=True``: expected counts).
     """
@@ -261,10 +262,15 @@ class _Pipeline:
     ) -> None:
         batch: list[tuple[Tile, int, np.ndarray]] = []
         ended = 0
+        urgent = getattr(feed, "urgent", None)  # jobs that go before the next batch
         try:
             while ended < self.readers and not stop.is_set() and self._write_error is None:
+                job = urgent() if urgent is not None else None
+                if job is not None:
+                    job()
+                    continue
                 try:
-                    item = q_in.get(timeout=0.1)
+                    item = q_in.get(timeout=0.05 if urgent is not None else 0.1)
                 except queue.Empty:
                     continue
                 if item is _END:

@@ -14,11 +14,13 @@ maps are (C, H, W) in output px of the store's grid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,15 @@ from ..store import TODO, PredictionStore, open_store, read_store_meta
 from ..tiling import TileSpec, TissueMask, plan_tiles, tissue_mask, tissue_tiles
 from .budget import BatchPlan, choose_batch
 from .device import as_model, ready_model, resolve_precision, torch_device
-from .pipeline import _Pipeline
+from .pipeline import _Pipeline, embed_windows
+from .preview import (
+    DEFAULT_PREVIEW_TILES,
+    plan_preview,
+    preview_spec,
+    preview_tile_px,
+    run_preview,
+    small_tissue,
+)
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
 from .scheduler import TileScheduler
 from .views import as_store, gene_pyramid, gene_view, region_map
@@ -106,6 +116,11 @@ class Predictor:
         (torch applies it there and to threads started later, not to running ones). A GUI
         passes ``cores - 1`` so its thread keeps a core: torch's OpenMP threads spin at
         barriers. None leaves torch's setting.
+    preview_tiles : int, optional
+        Small tiles run first at the centre of a ``request(..., preview=True)`` (see
+        :mod:`~napari_stmap.core.predict.preview`): a viewer's first pixels come in a fraction
+        of a regular tile's time, then the regular tiles replace them. Default: 4 on the CPU,
+        0 (off) on GPUs, where a regular tile takes a fraction of a second.
 
     Notes
     -----
@@ -134,6 +149,7 @@ class Predictor:
         image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
         paused: bool = False,
         num_threads: int | None = None,
+        preview_tiles: int | None = None,
     ) -> None:
         self.device = torch_device(device)
         self._num_threads = None if num_threads is None else max(1, int(num_threads))
@@ -157,8 +173,13 @@ class Predictor:
         self.store = open_store(
             store_path, self.model, self.slide, self.spec, "a", dtype=dtype, model_path=model_path
         )
-        self._on_tissue = tissue_grid(self.slide, self.spec, tissue)
+        self._tissue_mask = _tissue_mask_for(self.slide, self.spec, tissue)
+        self._on_tissue = tissue_tiles(self._tissue_mask, self.spec)
         self._tissue_arg = tissue
+        if preview_tiles is None:
+            preview_tiles = DEFAULT_PREVIEW_TILES if self.device.type == "cpu" else 0
+        self.preview_tiles = max(0, int(preview_tiles))
+        self._preview: tuple[SlideReader, np.ndarray] | None = None  # made on first use
         self._display_mask: TissueMask | None | bool = False  # False: not computed yet
         self.reader = SlideReader(self.slide, self.spec, image_cache_bytes)
         self.on_tile_done, self.done_queue = on_tile_done, done_queue
@@ -195,14 +216,21 @@ class Predictor:
         return self._scheduler.pending
 
     # --- scheduling ---------------------------------------------------------------------
-    def request(self, bbox_yx: Sequence[float] | None = None, priority: float = 0) -> int:
+    def request(
+        self, bbox_yx: Sequence[float] | None = None, priority: float = 0, *, preview: bool = False
+    ) -> int:
         """Schedule the tiles covering a level-0 px box (default: the whole slide).
 
         Tiles run nearest to the box's centre first; a later request (or a higher
         ``priority``) goes before earlier ones. Tiles done, queued or off tissue are not
         queued again (off-tissue ones are flagged skipped). Returns the number queued.
+        ``preview``: first run up to :attr:`preview_tiles` small tiles at the on-tissue spot
+        nearest the centre (memory only; ``done_queue`` receives their regular tile so a
+        viewer redraws it; ``on_tile_done`` is only called for stored tiles).
         """
         box = (0.0, 0.0, *map(float, self.slide.shape_yx)) if bbox_yx is None else tuple(bbox_yx)
+        if preview and self.preview_tiles:
+            self._scheduler.push_urgent(lambda: self._run_preview(box))
         tiles = self.spec.tiles_in_bbox(box)
         off = [t for t in tiles if not self._on_tissue[t]]
         if off:
@@ -311,7 +339,62 @@ class Predictor:
         """Multiscale lazy views of one gene (see :func:`gene_pyramid`)."""
         return gene_pyramid(self.store, gene, mode, background=background)
 
+    def warm_up(self) -> None:
+        """Run the network once on a blank preview window (blocking; call it from a worker).
+
+        The first forward pass of a model pays one-off costs (kernel selection, buffers) of
+        about a pass again; a viewer calls this while it loads the model so that the first
+        "predict what I see" does not. Nothing is stored. No-op without previews.
+        """
+        small = self._preview_reader()
+        if small is None:
+            return
+        blank = np.full((1, small.spec.window_px, small.spec.window_px, 3), 255, np.uint8)
+        with _threads(self.device, self._num_threads):
+            embed_windows(self.model, blank, small.spec, self.device, self.precision)
+
     # --- threads ------------------------------------------------------------------------
+    def _preview_reader(self) -> SlideReader | None:
+        """The reader of preview tiles (made once), None when previews are off."""
+        if not self.preview_tiles:
+            return None
+        if self._preview is None:
+            k = preview_tile_px(self.spec)
+            if k is None:
+                self.preview_tiles = 0
+                return None
+            small = preview_spec(self.spec, k)
+            reader = SlideReader(self.slide, small, cache_bytes=0)
+            reader.cache = self.reader.cache  # decoded slide blocks are shared
+            # on the display mask (tissue + 8 µm), not the planning one (+ one halo): a
+            # preview on glass would be hidden
+            self._preview = (reader, small_tissue(self.display_mask(), small))
+        return self._preview[0]
+
+    def _run_preview(self, box: tuple[float, ...]) -> None:
+        """Compute thread: the small tiles of a request (errors are logged; the regular tiles
+        report them)."""
+        try:
+            if self._preview_reader() is None:
+                return
+            reader, on_tissue = self._preview
+            tiles = plan_preview(
+                self.store, reader.spec, box, n=self.preview_tiles, on_tissue=on_tissue
+            )
+            with _threads(self.device, self._num_threads, all_cores=True):
+                run_preview(
+                    self.model,
+                    reader,
+                    self.store,
+                    tiles,
+                    device=self.device,
+                    precision=self.precision,
+                    on_tile=self.done_queue.put if self.done_queue is not None else None,
+                    stop=lambda: self._stop.is_set() or self._scheduler.paused,
+                )
+        except Exception:
+            log.exception("preview tiles failed")
+
     def _work(self) -> None:
         if self._num_threads is not None and self.device.type == "cpu":
             import torch
@@ -347,6 +430,30 @@ class Predictor:
             raise exc
 
 
+@contextlib.contextmanager
+def _threads(device: Any, num_threads: int | None, *, all_cores: bool = False) -> Iterator[None]:
+    """torch's CPU threads on this thread meanwhile: ``num_threads`` (None: as they are), or
+    every core (``all_cores``; previews are short and the readers wait for them, so the core a
+    GUI keeps is free for that long)."""
+    if device.type != "cpu" or num_threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    want = num_threads
+    if all_cores:
+        try:
+            want = max(num_threads, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not on Linux
+            want = max(num_threads, os.cpu_count() or 1)
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stored_tiling(
     store_path: Any, tile_px: int | None, halo_px: int | None
 ) -> tuple[int | None, int | None]:
@@ -374,14 +481,16 @@ def plan_for_store(
 
 def tissue_grid(slide: Slide, spec: TileSpec, tissue: bool | TissueMask) -> np.ndarray:
     """Bool tile grid: which tiles touch tissue (mask dilated by one halo)."""
+    return tissue_tiles(_tissue_mask_for(slide, spec, tissue), spec)
+
+
+def _tissue_mask_for(slide: Slide, spec: TileSpec, tissue: bool | TissueMask) -> TissueMask | None:
+    """The mask tiles are planned with (dilated by one halo); None: every tile."""
     if tissue is False or tissue is None:
-        return np.ones(spec.grid_shape, dtype=bool)
-    mask = (
-        tissue
-        if isinstance(tissue, TissueMask)
-        else tissue_mask(slide, dilate_um=spec.halo_px * spec.model_mpp)
-    )
-    return tissue_tiles(mask, spec)
+        return None
+    if isinstance(tissue, TissueMask):
+        return tissue
+    return tissue_mask(slide, dilate_um=spec.halo_px * spec.model_mpp)
 
 
 # ========================================================================= ensure_region

@@ -40,6 +40,8 @@ class TileScheduler:
         self._heap: list[tuple] = []
         self._keys: dict[Tile, tuple] = {}
         self._inflight: dict[Tile, int] = {}
+        self._urgent: list[Callable[[], object]] = []
+        self._urgent_running = 0
         self._seq = itertools.count()
         self.generation = 0
         self.paused = False
@@ -63,14 +65,39 @@ class TileScheduler:
             self._cond.notify_all()
         return n
 
+    def push_urgent(self, job: Callable[[], object]) -> None:
+        """Queue ``job()`` for the compute thread, before any further tile."""
+        with self._cond:
+            self._urgent.append(job)
+            self._cond.notify_all()
+
+    def urgent(self) -> Callable[[], None] | None:
+        """The next urgent job wrapped to count as pending until it ends; None when there is
+        none (or paused, closed)."""
+        with self._cond:
+            if self.paused or self.closed or not self._urgent:
+                return None
+            job = self._urgent.pop(0)
+            self._urgent_running += 1
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                with self._cond:
+                    self._urgent_running -= 1
+                    self._cond.notify_all()
+
+        return run
+
     def next(self, block: bool, halt: threading.Event) -> tuple[Tile, int] | None | object:
         """The next tile and its generation; ``_EMPTY`` when none now and not ``block``."""
         with self._cond:
             while True:
                 if self.closed or halt.is_set():
                     return None
-                if not self.paused:
-                    item = self._pop()
+                if not self.paused and not self._urgent and not self._urgent_running:
+                    item = self._pop()  # none while urgent jobs run: they get the cores
                     if item is not None:
                         return item
                 if not block:
@@ -108,6 +135,7 @@ class TileScheduler:
             n = len(self._keys)
             self._heap.clear()
             self._keys.clear()
+            self._urgent.clear()
             self.generation += 1
             self._cond.notify_all()
         return n
@@ -126,9 +154,9 @@ class TileScheduler:
 
     @property
     def pending(self) -> int:
-        """Tiles queued or in flight."""
+        """Tiles queued or in flight, and urgent jobs queued or running."""
         with self._cond:
-            return len(self._keys) + len(self._inflight)
+            return len(self._keys) + len(self._inflight) + len(self._urgent) + self._urgent_running
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Block until ``predicate()`` holds (checked on every change); False on timeout."""

@@ -95,23 +95,40 @@ def pool_blocks(a: np.ndarray, k: int, how: str) -> np.ndarray:
     if (hp, wp) != (h, w):
         a = np.pad(a, ((0, 0), (0, hp - h), (0, wp - w)), constant_values=np.nan)
     blocks = a.reshape(c, hp // k, k, wp // k, k)
-    return (np.nanmean if how == "mean" else np.nansum)(blocks, axis=(2, 4)).astype(np.float32)
+    total = np.nansum(blocks, axis=(2, 4))
+    if how == "mean":  # NaN where a block has no value at all (e.g. a preview's edge)
+        n = np.isfinite(blocks).sum(axis=(2, 4))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = total / n
+    return total.astype(np.float32)
 
 
 def normalised_map(gene: np.ndarray, total: np.ndarray) -> np.ndarray:
     """``log1p(1e4 · gene / total)`` per pixel, float32 (NaN where ``total`` is NaN or 0/0)."""
-    return _log1p(np.float32(1e4) * gene / total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.float32(1e4) * gene / total
+    return _log1p(ratio)
 
 
 # ================================================================================== tiles
 def _channel_tile(
-    store: PredictionStore, rows: tuple[int, ...], tile: Tile, cached: bool = True
+    store: PredictionStore,
+    rows: tuple[int, ...],
+    tile: Tile,
+    cached: bool = True,
+    preview: bool = False,
 ) -> np.ndarray | None:
-    """Expected counts (k, h, w) of output channels ``rows`` on a done tile, else None."""
+    """Expected counts (k, h, w) of output channels ``rows`` on a done tile, else None.
+
+    ``preview``: a tile still to do gives its previews (NaN elsewhere; never cached).
+    """
     key = (rows, tile)
     vals = store.view_cache.get(key) if cached else None
     if vals is None:
         emb = store.read_embedding(tile)
+        if emb is None and preview:
+            emb = store.read_preview(tile)
+            cached = False
         if emb is None:
             return None
         vals = _softplus_rows(emb, store.head_weight[list(rows)], store.head_bias[list(rows)])
@@ -128,14 +145,16 @@ def _view_block(
     background: float,
     i: int,
     j: int,
+    preview: bool = False,
 ) -> np.ndarray:
     """One chunk of a gene view: tile (i, j) at pyramid ``level``, (h, w) float32.
 
     Each channel's tile is computed and cached on its own, so the total channel of the
-    normalised view is computed once per tile and shared by every gene.
+    normalised view is computed once per tile and shared by every gene. ``preview``: a tile
+    still to do shows its previews (live views only).
     """
     tile = (i, j)
-    vals = [_channel_tile(store, (r,), tile) for r in rows]
+    vals = [_channel_tile(store, (r,), tile, preview=preview) for r in rows]
     k = 2**level
     if any(v is None for v in vals):
         r, c = store.spec.output_slices(tile)
