@@ -102,47 +102,32 @@ def cmd_contrast(args) -> int:
         raise StmapInputError(msg)
     chosen = [r for r in (region_a, region_b) if r is not None]
     check_regions_on_slide(chosen, store.meta["slide"]["shape_yx"], source=where)
-    result = (
-        _cells(args, store, region_a, region_b)
-        if args.cells
-        else _grid(args, store, region_a, region_b)
-    )
+    result = _compare(args, store, region_a, region_b)
     path = result.write_csv(args.out, overwrite=args.overwrite)
     _print_top(result, args.top)
     print(f"wrote {path}: {len(result.genes)} genes ranked, {result.title()}")
     return 0
 
 
-def _grid(args, store, region_a, region_b):
-    from ..core.contrast import contrast_grid
+def _compare(args, store, region_a, region_b):
+    from ..core.contrast import contrast_on_slide
     from ..core.io.slide import open_slide
     from ..core.predict import StoreSource
-    from ..core.tiling import tissue_mask
 
-    mpp = float(store.meta["slide"]["mpp"])
-    slide = open_slide(store.meta["slide"]["path"], mpp=mpp)
+    slide = open_slide(store.meta["slide"]["path"], mpp=float(store.meta["slide"]["mpp"]))
     # off-tissue tiles count as 0 counts (as stmap aggregate); tiles the units need are predicted
     source = StoreSource(store, model=args.model, device=args.device, background=0.0)
     with _progress("contrast", unit="block") as progress:
-        return contrast_grid(
+        return contrast_on_slide(
             source,
+            slide,
             region_a,
             region_b,
-            mpp=mpp,
-            size_um=args.unit_um,
             kind=args.units,
-            tissue=tissue_mask(slide),
-            shape_yx=slide.shape_yx,
+            size_um=args.unit_um,
+            cells=args.cells,
             progress=progress,
         )
-
-
-def _cells(args, store, region_a, region_b):
-    from ..core.contrast import check_cells_match, contrast_cells, read_cells
-
-    cells = read_cells(args.cells)
-    check_cells_match(cells, store.meta)
-    return contrast_cells(cells, region_a, region_b)
 
 
 def _print_top(result, top: int) -> None:

@@ -75,6 +75,7 @@ __all__ = [
     "contrast_cells",
     "contrast_counts",
     "contrast_grid",
+    "contrast_on_slide",
     "find_region",
     "grid_units",
     "points_in_region",
@@ -606,20 +607,19 @@ def read_cells(path: str | Path) -> CellUnits:
     return CellUnits(centers, counts, [str(g) for g in adata.var_names], path, meta)
 
 
-def check_cells_match(cells: CellUnits, store_meta: dict[str, Any]) -> None:
-    """Refuse cells of another slide than a store's (``store_meta``: the store's ``meta``).
+def check_cells_match(cells: CellUnits, slide_path: str | Path, shape_yx: Sequence[int]) -> None:
+    """Refuse cells of another slide than ``slide_path`` (level-0 shape ``shape_yx``).
 
     The slide the cells file records in ``uns['stmap']`` (``slide`` or ``slide_path``), when
-    it does, must have the store's slide's file name; every centroid must lie on the slide.
+    it does, must have the same file name; every centroid must lie on the slide.
     """
-    slide = store_meta["slide"]
     recorded = cells.meta.get("slide") or cells.meta.get("slide_path")
     if isinstance(recorded, dict):
         recorded = recorded.get("path")
-    if isinstance(recorded, str) and recorded and Path(recorded).name != Path(slide["path"]).name:
-        msg = f"{cells.path} holds cells of {recorded}, the store's slide is {slide['path']}: pass the cells of that slide"
+    if isinstance(recorded, str) and recorded and Path(recorded).name != Path(slide_path).name:
+        msg = f"{cells.path} holds cells of {recorded}, not of {slide_path}: pass the cells of that slide"
         raise StmapInputError(msg)
-    h, w = slide["shape_yx"]
+    h, w = (int(v) for v in shape_yx[:2])
     c = cells.centers_yx
     off = (c[:, 0] < 0) | (c[:, 0] > h) | (c[:, 1] < 0) | (c[:, 1] > w)
     if off.any():
@@ -651,3 +651,40 @@ def contrast_cells(cells: CellUnits, region_a: Region, region_b: Region | None) 
         centers_b_yx=cells.centers_yx[in_b],
     )
     return result
+
+
+def contrast_on_slide(
+    source: Any,
+    slide: Any,
+    region_a: Region,
+    region_b: Region | None,
+    *,
+    kind: str = "square",
+    size_um: float = 55.0,
+    cells: str | Path | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> ContrastResult:
+    """Compare A with B (None: the rest) on ``slide``: what ``stmap contrast`` and the dock run.
+
+    ``cells`` given: the cells of that ``cells.h5ad`` (:func:`read_cells`, checked against the
+    slide) are the units; else spot-grid units of ``kind`` and ``size_um`` over the slide's
+    tissue mask (:func:`~napari_stmap.core.tiling.tissue_mask`, computed here: call from a
+    worker), summed from ``source``. Blocking.
+    """
+    from .tiling import tissue_mask
+
+    if cells is not None:
+        units = read_cells(cells)
+        check_cells_match(units, slide.path, slide.shape_yx)
+        return contrast_cells(units, region_a, region_b)
+    return contrast_grid(
+        source,
+        region_a,
+        region_b,
+        mpp=float(slide.mpp),
+        size_um=size_um,
+        kind=kind,
+        tissue=tissue_mask(slide),
+        shape_yx=slide.shape_yx,
+        progress=progress,
+    )
