@@ -199,7 +199,16 @@ def _add_train(sub) -> None:
         type=Path,
         action="append",
         required=True,
-        help="measured spots of the slide: Space Ranger outs/, Visium HD outs/ or .h5ad (repeat)",
+        help="measured spots of the slide: Space Ranger outs/, Visium HD outs/, .h5ad or a "
+        "SpatialData .zarr store (repeat)",
+    )
+    p.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="table of a SpatialData --spots store (once for all stores, or once per --spots "
+        "in order); default: the store's only table (Visium HD: the bin size --bin-um needs)",
     )
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
     for flag, kwargs in _TRAIN_OPTIONS:
@@ -268,7 +277,29 @@ def _check_train_args(args) -> tuple[list, tuple | None]:
         msg = f"--out {args.out}: model files are .safetensors; name it e.g. model.safetensors"
         raise StmapInputError(msg)
     val = None if args.val_slide is None else (args.val_slide, args.val_spots)
-    return list(zip(args.slide, args.spots, strict=True)), val
+    if len(args.table) not in (0, 1, len(args.spots)):
+        msg = f"got {len(args.table)} --table for {len(args.spots)} --spots; pass one, or one per --spots"
+        raise StmapInputError(msg)
+    tables: list[str | None] = list(args.table) or [None] * len(args.spots)
+    if len(args.table) == 1 and len(args.spots) > 1:
+        from ..core.io.spots import spatialdata_location
+
+        stores = [spatialdata_location(p) is not None for p in args.spots]
+        if any(stores):  # one table for every SpatialData store
+            tables = [args.table[0] if s else None for s in stores]
+        else:  # refused by _with_table, naming the first --spots
+            tables = [args.table[0]] + [None] * (len(args.spots) - 1)
+    spots = [_with_table(p, t) for p, t in zip(args.spots, tables, strict=True)]
+    return list(zip(args.slide, spots, strict=True)), val
+
+
+def _with_table(spots: Path, table: str | None) -> Path:
+    """``STORE/tables/NAME`` for ``--spots STORE --table NAME`` (checked); ``spots`` otherwise."""
+    if table is None:
+        return spots
+    from ..core.io.spots import table_path
+
+    return table_path(spots, table)
 
 
 class _TrainBar:
@@ -357,7 +388,17 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", type=Path, required=True, help="model file (.safetensors)")
     p.add_argument("--slide", type=Path, required=True, help="H&E slide")
     p.add_argument(
-        "--spots", type=Path, required=True, help="measured spots: outs/, Visium HD outs/ or .h5ad"
+        "--spots",
+        type=Path,
+        required=True,
+        help="measured spots: outs/, Visium HD outs/, .h5ad or a SpatialData .zarr store",
+    )
+    p.add_argument(
+        "--table",
+        default=None,
+        metavar="NAME",
+        help="table of a SpatialData --spots store (default: its only table; Visium HD: "
+        "the bin size the scales need)",
     )
     p.add_argument(
         "--bin-um",
@@ -419,6 +460,7 @@ def cmd_evaluate(args) -> int:
     from ..core.training import available_threads, check_device
 
     check_device(args.device)
+    spots = _with_table(args.spots, args.table)
     torch.set_num_threads(int(args.threads or available_threads()))
     if args.pred is not None:
         desc, unit, tile_px = "evaluate (store)", "block", args.tile_px
@@ -428,7 +470,7 @@ def cmd_evaluate(args) -> int:
         result = evaluate_model(
             args.model,
             args.slide,
-            args.spots,
+            spots,
             args.bin_um,
             slide_mpp=args.mpp,
             store=args.pred,

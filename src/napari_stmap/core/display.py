@@ -319,7 +319,8 @@ def bin_size_choices(
     The size to read is ``bin_um`` when given, else 8 µm when present, else the first size
     (None for other layouts).
     """
-    sizes = available_bin_sizes(path) if detect_spots_layout(path) == "visium_hd" else []
+    binned = detect_spots_layout(path) in ("visium_hd", "spatialdata")
+    sizes = available_bin_sizes(path) if binned else []
     if sizes and bin_um is None:
         bin_um = DEFAULT_HD_BIN_UM if DEFAULT_HD_BIN_UM in sizes else sizes[0]
     return sizes, bin_um
@@ -349,7 +350,7 @@ def read_spots_checked(
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spots = read_spots(path, bin_um=bin_um)
+        spots = read_spots(path, bin_um=bin_um, mpp=None if slide is None else slide.mpp)
         if slide is not None:
             spots.check_against_image(slide.shape_yx, name=Path(slide.path).name, mpp=slide.mpp)
     return spots, [str(w.message) for w in caught if "napari_stmap" in str(w.category.__module__)]

@@ -296,7 +296,8 @@ def load_measured(
     Parameters
     ----------
     path : str or Path
-        Visium ``outs/``, Visium HD ``outs/`` / ``binned_outputs/`` or ``.h5ad``.
+        Visium ``outs/``, Visium HD ``outs/`` / ``binned_outputs/``, ``.h5ad`` or a
+        SpatialData store (or one of its tables, ``data.zarr/tables/NAME``).
     scales_um : sequence of float, optional
         Scales that will be asked for; for Visium HD the base is the coarsest available bin
         size that divides every requested square size (the finest one when a non-multiple
@@ -311,9 +312,11 @@ def load_measured(
     """
     p = Path(path)
     layout = detect_spots_layout(p)
-    available = available_bin_sizes(p) if layout == "visium_hd" else []
+    available = available_bin_sizes(p) if layout in ("visium_hd", "spatialdata") else []
     base = _choose_base(p, available, scales_um) if available else None
-    spots = read_spots(p, bin_um=base)
+    if layout == "spatialdata" and base is None and scales_um:
+        base = min(float(b) for b in scales_um)  # cells: the pseudo-spot side
+    spots = read_spots(p, bin_um=base, mpp=None if slide is None else slide.mpp)
     if slide is not None:
         spots.check_against_image(slide.shape_yx, name=slide.path.name, mpp=slide.mpp)
     if spots.in_tissue.any() and not spots.in_tissue.all():

@@ -1,10 +1,12 @@
-"""Readers for measured spots and bins: Space Ranger Visium, Visium HD and ``.h5ad``.
+"""Readers for measured spots and bins: Space Ranger Visium, Visium HD, ``.h5ad``, SpatialData.
 
 The public face of the package: :func:`read_spots` (any layout, see
 :func:`detect_spots_layout`), :func:`read_visium`, :func:`read_visium_hd`,
-:func:`read_spots_h5ad`, :func:`available_bin_sizes` and the :class:`Spots` they return. The
-private modules hold the container (``_container``), the Space Ranger files and Visium
-(``_spaceranger``), Visium HD (``_visium_hd``), AnnData (``_h5ad``) and the checks (``_checks``).
+:func:`read_spots_h5ad`, :func:`read_spots_spatialdata`, :func:`available_bin_sizes` and the
+:class:`Spots` they return. The private modules hold the container (``_container``), the Space
+Ranger files and Visium (``_spaceranger``), Visium HD (``_visium_hd``), AnnData (``_h5ad``),
+SpatialData zarr stores (``_spatialdata``, optional extra ``[spatialdata]``) and the checks
+(``_checks``).
 
 Every reader returns a :class:`Spots`: spot centres in level-0 pixels of the full-resolution
 slide in **(y, x)** order, the spot footprint (disk or square) in px and µm, raw counts
@@ -46,10 +48,20 @@ from ._spaceranger import (
     read_visium,
     visium_root,
 )
-from ._visium_hd import DEFAULT_HD_BIN_UM, available_bin_sizes, read_visium_hd, square_dirs
+from ._spatialdata import (
+    DEFAULT_PSEUDO_SPOT_UM,
+    read_spots_spatialdata,
+    spatialdata_bin_sizes,
+    spatialdata_location,
+    table_names,
+    table_path,
+)
+from ._visium_hd import DEFAULT_HD_BIN_UM, read_visium_hd, square_dirs
+from ._visium_hd import available_bin_sizes as _hd_bin_sizes
 
 __all__ = [
     "DEFAULT_HD_BIN_UM",
+    "DEFAULT_PSEUDO_SPOT_UM",
     "ST_PITCH_UM",
     "ST_SPOT_UM",
     "VISIUM_PITCH_UM",
@@ -60,19 +72,38 @@ __all__ = [
     "detect_spots_layout",
     "read_spots",
     "read_spots_h5ad",
+    "read_spots_spatialdata",
     "read_visium",
     "read_visium_hd",
+    "spatialdata_location",
+    "table_names",
+    "table_path",
 ]
+
+#: Layouts whose bin size is chosen among several (:func:`available_bin_sizes`).
+BINNED_LAYOUTS = ("visium_hd", "spatialdata")
+
+
+def available_bin_sizes(path: str | Path) -> list[float]:
+    """Bin sizes present at ``path``, µm: Visium HD ``square_NNNum/`` folders, or the
+    ``square_NNNum`` tables of a SpatialData store (spatialdata-io's Visium HD naming).
+
+    Returns ``[]`` for anything else.
+    """
+    return spatialdata_bin_sizes(path) or _hd_bin_sizes(path)
 
 
 def detect_spots_layout(path: str | Path) -> str | None:
-    """Layout of ``path``: ``"visium"``, ``"visium_hd"``, ``"h5ad"`` or None.
+    """Layout of ``path``: ``"visium"``, ``"visium_hd"``, ``"h5ad"``, ``"spatialdata"`` or None.
 
-    ``"h5ad"`` only for an ``.h5ad`` with ``obsm['spatial']``. Never raises: the napari reader
-    uses it to decide whether a path is ours.
+    ``"h5ad"`` only for an ``.h5ad`` with ``obsm['spatial']``; ``"spatialdata"`` for a
+    SpatialData zarr store or one of its tables (``data.zarr/tables/NAME``). Never raises: the
+    napari reader uses it to decide whether a path is ours.
     """
     try:
         p = Path(path).expanduser()
+        if spatialdata_location(p) is not None:
+            return "spatialdata"
         if p.is_file():
             return "h5ad" if p.suffix.lower() == ".h5ad" and h5ad_has_spatial(p) else None
         if not p.is_dir():
@@ -86,18 +117,25 @@ def detect_spots_layout(path: str | Path) -> str | None:
     return None
 
 
-def read_spots(path: str | Path, *, bin_um: float | None = None) -> Spots:
+def read_spots(path: str | Path, *, bin_um: float | None = None, mpp: float | None = None) -> Spots:
     """Read measured spots from any supported layout (see :func:`detect_spots_layout`).
 
     Parameters
     ----------
     path : str or Path
-        Visium ``outs/``, Visium HD ``outs/`` / ``binned_outputs/`` / ``square_NNNum/``, or
-        ``.h5ad``.
+        Visium ``outs/``, Visium HD ``outs/`` / ``binned_outputs/`` / ``square_NNNum/``,
+        ``.h5ad``, or a SpatialData store (``data.zarr``, or one table: ``data.zarr/tables/NAME``).
     bin_um : float, optional
         Visium HD bin size in µm; for other layouts it must match their spot size if given.
+        SpatialData: picks the ``square_NNNum`` table, sets the pseudo-spot side of a cells
+        table, and is refused when finer than other tables' spots
+        (:func:`read_spots_spatialdata`).
+    mpp : float, optional
+        µm per level-0 px of the slide, for SpatialData tables that do not record their scale.
     """
     p = require_exists(path)
+    if spatialdata_location(p) is not None:
+        return read_spots_spatialdata(p, bin_um=bin_um, mpp=mpp)
     layout = "h5ad" if p.is_file() and p.suffix.lower() == ".h5ad" else detect_spots_layout(p)
     if layout == "visium_hd":
         return read_visium_hd(p, bin_um=bin_um)

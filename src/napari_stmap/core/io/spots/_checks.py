@@ -26,7 +26,7 @@ _PACKAGE = __name__.rpartition(".")[0]
 EXPECTED_LAYOUTS = (
     "a Space Ranger Visium outs/ (spatial/tissue_positions.csv + filtered_feature_bc_matrix.h5"
     " or filtered_feature_bc_matrix/), a Visium HD outs/, binned_outputs/ or square_NNNum/"
-    " folder, or an .h5ad with obsm['spatial']"
+    " folder, an .h5ad with obsm['spatial'], or a SpatialData .zarr store"
 )
 
 
