@@ -6,7 +6,7 @@ spot grid (:mod:`._region_layers`, :mod:`._spot_grid`). Their values follow the 
 (:func:`~napari_stmap.core.regions.compute_regions` over the session's prediction source: a
 dense model's map, or a bin model's prediction, NaN where a region reaches bins not predicted
 yet). The table is computed in a worker; export writes AnnData or CSV
-(:mod:`napari_stmap.core.export`).
+(:mod:`napari_stmap.core.export`). Its last section compares two regions (:mod:`._contrast`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from napari_stmap.core.regions import (
     compute_regions,
 )
 
+from ._contrast import ContrastSection
 from ._dialogs import ask_save_path
 from ._notify import notify_error, notify_info
 from ._plots import clear_plot, draw_top_bars, make_canvas
@@ -86,6 +87,8 @@ class RegionsWidget(QWidget):
         lay.addWidget(self.export_btn)
         self.status = status_label()
         lay.addWidget(self.status)
+        self.contrast = ContrastSection(self.viewer, self.session)  # compare two regions
+        lay.addWidget(self.contrast)
 
     # --- layers ----------------------------------------------------------------------------
     def regions_layer(self, create: bool = True):
