@@ -131,7 +131,9 @@ def test_compare_regions_table_volcano_heatmaps_export(
     assert not errors
 
 
-def test_compare_rest_and_refusals(viewer, qtbot, small_sample, make_model_file, tmp_path, errors):
+def test_compare_rest_and_refusals(
+    viewer, qtbot, small_sample, make_model_file, tmp_path, errors, monkeypatch
+):
     section, session = _open_with_truth(viewer, qtbot, small_sample, make_model_file, tmp_path)
     section.refresh_regions()
     section.a_combo.setCurrentText("Stroma")
@@ -151,3 +153,21 @@ def test_compare_rest_and_refusals(viewer, qtbot, small_sample, make_model_file,
     section.run_btn.click()
     qtbot.waitUntil(lambda: section.result is not None, timeout=TIMEOUT_MS)
     assert section.result.name_b == "rest" and set(section.table.visible_genes()[:3]) == STROMA
+    # cells of a cells.h5ad as the units, the file chosen in the open dialog
+    import napari_stmap._widgets._contrast as contrast_module
+    from napari_stmap.core.predict import StoreSource
+    from napari_stmap.core.tiling import tissue_mask
+    from truth_store import write_cells
+
+    slide = session.slide
+    path = write_cells(
+        tmp_path / "cells.h5ad", StoreSource(session.store_path()), slide, tissue_mask(slide)
+    )
+    monkeypatch.setattr(contrast_module, "ask_open_path", lambda *a: str(path))
+    section.unit_combo.setCurrentText("cells (.h5ad)")
+    section.unit_combo.activated.emit(section.unit_combo.currentIndex())
+    assert section.cells_btn.text() == "cells.h5ad" and not section.unit_size.isVisible()
+    section.run_btn.click()
+    qtbot.waitUntil(lambda: section.result.unit == "cells", timeout=TIMEOUT_MS)
+    assert set(section.table.visible_genes()[:3]) == STROMA
+    assert len(errors) == 2
