@@ -37,7 +37,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("prediction", ("core.predict",)),
     (
         "evaluation and regions",
-        ("core.evaluate", "core.compare", "core.regions", "core.contrast", "core.cells"),
+        (
+            "core.evaluate",
+            "core.compare",
+            "core.regions",
+            "core.contrast",
+            "core.cells",
+            "core.export_spatialdata",
+        ),
     ),
     ("training", ("core.training",)),
     ("descriptions", ("core.info", "core")),

@@ -19,6 +19,7 @@ from .cells import _add_cells
 from .common import VERBOSE_HELP, _configure_logging, _show_warning, run_command
 from .contrast import _add_contrast
 from .engine import _add_aggregate, _add_predict
+from .export import _add_export
 from .info import _add_info, _add_synth
 from .model import _add_evaluate, _add_train
 
@@ -34,6 +35,7 @@ _SUBCOMMANDS = (
     _add_aggregate,
     _add_contrast,
     _add_cells,
+    _add_export,
 )
 
 
