@@ -196,6 +196,21 @@ def _spatialdata_io():
     return spatialdata_io
 
 
+def test_spatialdata_io_on_the_synthetic_sample(small_sample, tmp_path):
+    """spatialdata-io's Visium HD reader on ``stmap synth`` output: the same bins, every size."""
+    sdio = _spatialdata_io()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = sdio.visium_hd(
+            small_sample.outs, dataset_id="sample", load_segmentations_only=False
+        )
+        sdata.write(tmp_path / "sample.zarr")
+    assert available_bin_sizes(tmp_path / "sample.zarr") == [2.0, 8.0, 16.0]
+    for b in (2.0, 8.0, 16.0):
+        got = read_spots(tmp_path / "sample.zarr", bin_um=b)
+        assert_same_spots(got, read_visium_hd(small_sample.outs, bin_um=b))
+
+
 def test_real_visium_store_equals_space_ranger_reader(shared_data, tmp_path):
     sdio = _spatialdata_io()
     folder = shared_data / "formats" / "visium_squidpy"

@@ -4,7 +4,8 @@ Counts are Poisson draws from the truth at the finest bin size over a centred ca
 summed into the larger bins (so bins of different sizes are exactly additive, as in real
 Visium HD data), and written band by band: ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3,
 in-tissue bins), ``spatial/tissue_positions.parquet`` (all bins, full-resolution (row, col) px),
-hires/lowres PNGs and ``scalefactors_json.json``.
+hires/lowres PNGs and ``scalefactors_json.json``; ``outs/feature_slice.h5`` holds the run
+metadata only (what spatialdata-io's Visium HD reader needs to recognise the run).
 
 Units: capture area and bins in µm; positions written in level-0 pixels.
 """
@@ -267,6 +268,19 @@ def _write_spatial(
             "tissue_hires_scalef": hires_s,
         }
         (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=4))
+    _write_feature_slice(root / "outs")
+
+
+def _write_feature_slice(outs: Path) -> None:
+    """``outs/feature_slice.h5`` with Space Ranger's run metadata only (``metadata_json``
+    holding the HD layout's ``file_format``): no per-bin data. Readers such as spatialdata-io's
+    ``visium_hd`` look for this file to recognise a Visium HD run."""
+    meta = {
+        "hd_layout_json": json.dumps({"file_format": "1.0"}),
+        "software_version": f"napari-stmap-{_PACKAGE_VERSION} (synthetic)",
+    }
+    with h5py.File(outs / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps(meta)
 
 
 def _spatial_images(
