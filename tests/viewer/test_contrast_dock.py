@@ -62,7 +62,11 @@ def _open_with_truth(viewer, qtbot, small_sample, make_model_file, tmp_path):
         kind, vertices = footprint_shape(truth_regions(small_sample, cell_type, level).parts[0][0])
         layer.add(vertices, shape_type=kind)
         layer.features.loc[layer.nshapes - 1, "name"] = name
-    return regions.contrast, session
+    section = regions.contrast
+    assert not section.body.isVisibleTo(section)  # folded until the user ticks the box
+    section.setChecked(True)
+    assert section.body.isVisibleTo(section)
+    return section, session
 
 
 def test_compare_regions_table_volcano_heatmaps_export(

@@ -14,17 +14,22 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QGroupBox, QLineEdit, QVBoxLayout
+from qtpy.QtWidgets import (
+    QDoubleSpinBox,
+    QGroupBox,
+    QLineEdit,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_stmap.core.contrast import ContrastResult, contrast_on_slide
-from napari_stmap.core.regions import REGION_TIMEOUT_S, make_names_unique, regions_from_shapes
+from napari_stmap.core.regions import REGION_TIMEOUT_S
 
-from ._contrast_view import ContrastTable, draw_volcano
+from ._contrast_view import ContrastTable, RegionCombo, draw_volcano, drawn_regions
 from ._dialogs import ask_open_path, ask_save_path
 from ._notify import notify_error, notify_info
 from ._plots import make_canvas
 from ._qt import button, combo, refill, row, status_label
-from ._region_layers import regions_layers
 
 PLUGIN = "napari-stmap"
 #: The B choice that stands for the rest of the tissue.
@@ -37,29 +42,11 @@ NOT_INDEPENDENT = (
 )
 
 
-def drawn_regions(viewer) -> list:
-    """Regions (level-0 px) of every regions layer, in layer order, names made unique."""
-    out = []
-    for layer in regions_layers(viewer):
-        out += regions_from_shapes(layer.shape_type, layer.data, layer.features)
-    return make_names_unique(out)
-
-
-class _RegionCombo(QComboBox):
-    """A combo box of region names that refreshes them when it opens."""
-
-    def __init__(self, refresh) -> None:
-        super().__init__()
-        self._refresh = refresh
-        self.setMinimumContentsLength(8)
-
-    def showPopup(self) -> None:  # noqa: N802 (Qt API)
-        self._refresh()
-        super().showPopup()
-
-
 class ContrastSection(QGroupBox):
-    """Choose A and B, the units, compare; ranked table, volcano plot, CSV export."""
+    """Choose A and B, the units, compare; ranked table, volcano plot, CSV export.
+
+    A checkable group: its contents show once the user ticks "Compare two regions".
+    """
 
     def __init__(self, viewer, session) -> None:
         super().__init__("Compare two regions")
@@ -74,8 +61,15 @@ class ContrastSection(QGroupBox):
         self.refresh_regions()
 
     def _build(self) -> None:
-        lay = QVBoxLayout(self)
-        self.a_combo, self.b_combo = (_RegionCombo(self.refresh_regions) for _ in range(2))
+        self.setCheckable(True)  # unfold to compare: the Regions dock stays short otherwise
+        self.setChecked(False)
+        self.body = QWidget()
+        self.body.setVisible(False)
+        self.toggled.connect(self.body.setVisible)
+        QVBoxLayout(self).addWidget(self.body)
+        lay = QVBoxLayout(self.body)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.a_combo, self.b_combo = (RegionCombo(self.refresh_regions) for _ in range(2))
         lay.addLayout(row("A", self.a_combo, "vs B", self.b_combo))
         self.unit_combo = combo(self._on_unit_activated, "units compared", list(UNITS))
         self.unit_size = QDoubleSpinBox(
@@ -95,6 +89,7 @@ class ContrastSection(QGroupBox):
         lay.addWidget(self.search)
         lay.addWidget(self.table)
         self.canvas, self.figure = make_canvas(2.6)
+        self.canvas.setMinimumHeight(230)  # room for the axis labels under the points
         self.canvas.mpl_connect("pick_event", self._on_volcano_pick)
         lay.addWidget(self.canvas)
         self.export_btn = button("Export CSV…", self._on_export_clicked)

@@ -1,6 +1,8 @@
-"""The Contrast section's result views: a ranked, sortable, searchable table and a volcano plot.
+"""Parts of the "Compare two regions" section: the regions to choose from, a ranked, sortable,
+searchable table and a volcano plot.
 
-Both show a :class:`~napari_stmap.core.contrast.ContrastResult`, one row / point per gene.
+The table and the plot show a :class:`~napari_stmap.core.contrast.ContrastResult`, one row /
+point per gene.
 """
 
 from __future__ import annotations
@@ -8,9 +10,12 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import QSortFilterProxyModel, Qt
 from qtpy.QtGui import QStandardItem, QStandardItemModel
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableView
+from qtpy.QtWidgets import QAbstractItemView, QComboBox, QHeaderView, QTableView
+
+from napari_stmap.core.regions import make_names_unique, regions_from_shapes
 
 from ._plots import style_axes
+from ._region_layers import regions_layers
 
 #: Columns of the table: (header, result attribute, format).
 COLUMNS = (
@@ -103,7 +108,7 @@ def volcano_xy(result) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(result.log2fc, float), -np.log10(np.where(q > 0, q, floor))
 
 
-def draw_volcano(canvas, figure, result, label: int = 4):
+def draw_volcano(canvas, figure, result, label: int = 3):
     """Volcano plot of ``result`` (pickable points, their gene index in order); redraw.
 
     Genes with ``q < 0.05`` are coloured (orange: higher in A, blue: higher in B), the
@@ -121,13 +126,34 @@ def draw_volcano(canvas, figure, result, label: int = 4):
     ax.axhline(-np.log10(Q_LINE), color="#666666", lw=0.6, ls="--")
     ax.axvline(0, color="#666666", lw=0.6)
     order = result.order()
-    for g in [*order[:label], *order[::-1][:label]]:
+    for k, g in enumerate([*order[:label], *order[::-1][:label]]):
         if sig[g]:
             ax.annotate(result.genes[g], (x[g], y[g]), fontsize=6, color="#dddddd",
-                        xytext=(2, 2), textcoords="offset points")  # fmt: skip
+                        xytext=(3, -2 - 7 * (k % 3)), textcoords="offset points")  # fmt: skip
     ax.set_xlabel(f"log2 FC ({result.name_a} / {result.name_b})", fontsize=8)
     ax.set_ylabel("−log10 q", fontsize=8)
     ax.set_title(result.title(), fontsize=8)
     style_axes(ax)
     canvas.draw_idle()
     return points
+
+
+def drawn_regions(viewer) -> list:
+    """Regions (level-0 px) of every regions layer, in layer order, names made unique."""
+    out = []
+    for layer in regions_layers(viewer):
+        out += regions_from_shapes(layer.shape_type, layer.data, layer.features)
+    return make_names_unique(out)
+
+
+class RegionCombo(QComboBox):
+    """A combo box of region names that refreshes them when it opens."""
+
+    def __init__(self, refresh) -> None:
+        super().__init__()
+        self._refresh = refresh
+        self.setMinimumContentsLength(8)
+
+    def showPopup(self) -> None:  # noqa: N802 (Qt API)
+        self._refresh()
+        super().showPopup()
