@@ -29,7 +29,7 @@ DEMO_TRAIN = {
     "seed": 0,
 }
 MARKERS = ("ERBB2", "CD3E", "COL1A1", "KRT5", "ADIPOQ", "PTPRC")
-DOCKS = ("slide_data", "predict", "genes", "regions", "compare")
+DOCKS = ("slide_data", "predict", "genes", "regions", "compare", "cells")
 
 
 def demo_model_path() -> Path:
@@ -67,11 +67,12 @@ DOCK_TITLES = {
     "genes": "Genes",
     "regions": "Regions",
     "compare": "Compare",
+    "cells": "Cells",
 }
 
 
 def add_docks(viewer) -> dict:
-    """Open the five docks as napari's Plugins menu does; returns the widgets by key.
+    """Open the six docks as napari's Plugins menu does; returns the widgets by key.
 
     The first dock sits on the right, the others are tabbed with it.
     """

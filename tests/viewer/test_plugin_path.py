@@ -83,8 +83,8 @@ def _wait_worker(qtbot, worker) -> None:
         qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT_MS)
 
 
-def test_manifest_lists_five_docks():
-    assert _display_names() == ["Slide & data", "Predict", "Genes", "Regions", "Compare"]
+def test_manifest_lists_six_docks():
+    assert _display_names() == ["Slide & data", "Predict", "Genes", "Regions", "Compare", "Cells"]
 
 
 def test_every_dock_opens_from_the_plugins_menu_in_any_order(viewer, qtbot, errors):
@@ -111,10 +111,10 @@ def test_plugins_menu_entries_open_the_docks(viewer, qtbot, errors):
     for entry in entries:
         entry.trigger()
     widgets = list(viewer.window.dock_widgets.values())
-    assert len(widgets) == 5
+    assert len(widgets) == 6
     assert len({id(w.session) for w in widgets}) == 1
     entries[0].trigger()  # a second click does not open a second copy
-    assert len(viewer.window.dock_widgets) == 5
+    assert len(viewer.window.dock_widgets) == 6
     assert not errors
 
 
