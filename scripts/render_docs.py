@@ -182,6 +182,80 @@ def render_docks(out: Path) -> None:
     viewer.close()
 
 
+def _truth_outline(sample, cell_type: str, level: float):
+    """Outline (n, 2) level-0 px (y, x) of the largest patch where ``cell_type``'s smoothed
+    truth abundance exceeds ``level`` (a region drawn from the synthetic truth)."""
+    import numpy as np
+    import zarr
+    from scipy import ndimage
+    from skimage.measure import find_contours
+
+    from napari_stmap.core.synthetic import CELL_TYPES, TRUTH_GRID_UM
+
+    k = CELL_TYPES.index(cell_type)
+    abundance = np.asarray(zarr.open_group(str(sample.truth), mode="r")["abundance"][k], float)
+    smooth = ndimage.gaussian_filter(abundance, 8.0 / TRUTH_GRID_UM)
+    ring = max(find_contours(np.pad(smooth, 1), level), key=len)
+    return (ring[:-1] - 0.5) * TRUTH_GRID_UM / sample.mpp
+
+
+def render_contrast(out: Path) -> None:
+    """Regions dock, "Compare two regions": tumour nests vs stroma of the synthetic sample
+    (regions drawn from its truth), demo model, 16 µm squares; ranked table and volcano."""
+    from napari_stmap._sample_data import ensure_sample
+    from napari_stmap.demo import add_docks, ensure_demo_model, raise_dock, wait_until
+
+    sample = ensure_sample()
+    viewer = _viewer()
+    viewer.window.resize(1500, 1350)  # the Regions dock with its comparison is tall
+    viewer.open_sample("napari-stmap", "synthetic")
+    docks = add_docks(viewer)
+    session = docks["predict"].session
+    wait_until(lambda: session.slide is not None, 120)
+    docks["slide_data"].load_model(ensure_demo_model(sample))
+    regions = docks["regions"]
+    layer = regions.regions_layer()
+    for cell_type, level, name in (("tumour", 0.5, "Tumour nests"), ("fibroblast", 0.2, "Stroma")):
+        layer.add_polygons([_truth_outline(sample, cell_type, level)])
+        layer.features.loc[layer.nshapes - 1, "name"] = name
+    layer.edge_width = 8.0  # level-0 px: the outlines show over the heatmap
+    section = regions.contrast
+    section.setChecked(True)  # unfold "Compare two regions"
+    section.refresh_regions()
+    section.a_combo.setCurrentText("Tumour nests")
+    section.b_combo.setCurrentText("Stroma")
+    section.unit_size.setValue(16.0)
+    section.run()
+    wait_until(lambda: section.result is not None and section.run_btn.isEnabled(), 900)
+    if section.result is None:
+        logger.warning("skipping the contrast screenshot: the comparison did not finish")
+        viewer.close()
+        return
+    section.show_gene(section.table.gene_at(0))
+    wait_until(lambda: not docks["genes"]._contrast_workers, 60)
+    for key in ("spots", "bins"):
+        for ly in viewer.layers:
+            if key in ly.name and "stmap" not in ly.name:
+                ly.visible = False
+    viewer.reset_view()
+    raise_dock(regions)
+    _scroll_to(section)
+    wait_until(lambda: False, 1.0)
+    _save(viewer, out / "dock_contrast.png")
+    viewer.close()
+
+
+def _scroll_to(widget) -> None:
+    """Scroll the dock's scroll area (if any) so that ``widget`` shows."""
+    from qtpy.QtWidgets import QScrollArea
+
+    node = widget.parentWidget()
+    while node is not None and not isinstance(node, QScrollArea):
+        node = node.parentWidget()
+    if node is not None:
+        node.ensureWidgetVisible(widget, 0, 0)
+
+
 #: Genes shown on HER2ST when the model has them (ERBB2 first: the tumour should light up).
 HER2ST_GENES = ("ERBB2", "MUC1", "COL1A1", "CD74", "KRT19", "FASN")
 
@@ -265,11 +339,104 @@ def render_her2st_docks(out: Path, shared: Path, model: Path | None = None) -> N
     viewer.close()
 
 
+#: Genes shown from the SpatialData export (napari-spatialdata screenshot).
+SPATIALDATA_GENE = "COL1A1"
+
+
+def _stmap_cli(*argv) -> None:
+    """Run ``stmap`` as a process (the commands the user guide shows)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "napari_stmap.cli", *map(str, argv)], check=True)
+
+
+def render_spatialdata(out: Path) -> None:
+    """napari-spatialdata showing our gene map over the H&E, both read from the file that
+    ``stmap export --format spatialdata`` wrote (demo model on the synthetic sample)."""
+    import tempfile
+
+    import spatialdata as sd
+    from napari_spatialdata import Interactive
+
+    from napari_stmap._sample_data import ensure_sample
+    from napari_stmap.demo import ensure_demo_model, wait_until
+
+    sample = ensure_sample()
+    model = ensure_demo_model(sample)
+    work = Path(tempfile.mkdtemp(prefix="stmap-spatialdata-"))
+    _stmap_cli("predict", "--model", model, "--slide", sample.slide, "--out", work / "pred.zarr")
+    export = work / "pred_sd.zarr"
+    _stmap_cli(
+        "export", "--pred", work / "pred.zarr", "--format", "spatialdata", export,
+        "--genes", f"{SPATIALDATA_GENE},GRB7,CD3E",
+    )  # fmt: skip
+    viewer = _viewer()
+    interactive = Interactive(sd.read_zarr(export), headless=True)
+    for element in ("he_image", "gene_maps"):
+        n = len(viewer.layers)
+        interactive.add_element(element, "global")
+        wait_until(lambda n=n: len(viewer.layers) > n, 120)
+    for layer in viewer.layers:
+        logger.info("layer %r: extent %s", layer.name, layer.extent.world.tolist())
+    genes = viewer.layers[-1]
+    genes.colormap, genes.blending, genes.opacity = "magma", "additive", 0.75
+    if genes.ndim == 3:  # the channel axis (genes) is a slider: show the first gene
+        viewer.dims.set_current_step(0, 0)
+    viewer.reset_view()
+    wait_until(lambda: False, 1.0)
+    _save(viewer, out / "spatialdata_napari.png")
+    viewer.close()
+
+
+def render_cells(out: Path) -> None:
+    """Cells dock: built-in nuclei grown by 3 µm in a zoomed view of the synthetic sample,
+    coloured by a tumour marker's per-cell predicted expression (demo model)."""
+    from napari_stmap._sample_data import ensure_sample
+    from napari_stmap.demo import add_docks, ensure_demo_model, raise_dock, wait_until
+
+    sample = ensure_sample()
+    viewer = _viewer()
+    viewer.window.resize(1500, 950)
+    viewer.open_sample("napari-stmap", "synthetic")
+    docks = add_docks(viewer)
+    session = docks["predict"].session
+    wait_until(lambda: session.slide is not None, 120)
+    docks["slide_data"].load_model(ensure_demo_model(sample))
+    for layer in viewer.layers:
+        if "bins" in layer.name or "spots" in layer.name:
+            layer.visible = False
+    cells = docks["cells"]
+    raise_dock(cells)
+    slide = viewer.layers["synthetic H&E"]
+    (y0, x0), (y1, x1) = slide.extent.world
+    viewer.camera.center = (y0 + 0.45 * (y1 - y0), x0 + 0.45 * (x1 - x0))
+    viewer.camera.zoom = min(viewer.canvas.size) / 320.0  # about 320 µm across
+    cells.set_source("segment")
+    cells.expand.setValue(3.0)
+    cells.run()
+    wait_until(lambda: cells.cells is not None and cells.run_btn.isEnabled(), 900)
+    if cells.cells is None:
+        logger.warning("skipping the cells screenshot: the run did not finish")
+        viewer.close()
+        return
+    gene = "ERBB2" if "ERBB2" in session.model_genes else session.model_genes[0]
+    cells.gene.setCurrentText(gene)
+    cells.show_gene(gene)
+    wait_until(lambda: False, 1.5)
+    _save(viewer, out / "dock_cells.png")
+    viewer.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--only", choices=["synthetic", "her2st", "docks", "menu"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["synthetic", "her2st", "docks", "menu", "cells", "contrast", "spatialdata"],
+        default=None,
+    )
     parser.add_argument(
         "--her2st-model", type=Path, default=None, help="PixNet trained on HER2ST C3–C5"
     )
@@ -287,6 +454,12 @@ def main() -> int:
             render_plugins_menu(args.out)
         if args.only in (None, "docks"):
             render_docks(args.out)
+        if args.only in (None, "cells"):
+            render_cells(args.out)
+        if args.only in (None, "contrast"):
+            render_contrast(args.out)
+        if args.only in (None, "spatialdata"):
+            render_spatialdata(args.out)
     finally:
         if display is not None:
             display.stop()
