@@ -356,6 +356,7 @@ def render_spatialdata(out: Path) -> None:
     ``stmap export --format spatialdata`` wrote (demo model on the synthetic sample)."""
     import tempfile
 
+    import numpy as np
     import spatialdata as sd
     from napari_spatialdata import Interactive
 
@@ -380,9 +381,14 @@ def render_spatialdata(out: Path) -> None:
     for layer in viewer.layers:
         logger.info("layer %r: extent %s", layer.name, layer.extent.world.tolist())
     genes = viewer.layers[-1]
-    genes.colormap, genes.blending, genes.opacity = "magma", "additive", 0.75
     if genes.ndim == 3:  # the channel axis (genes) is a slider: show the first gene
         viewer.dims.set_current_step(0, 0)
+    coarse = genes.data[-1] if genes.multiscale else genes.data
+    values = np.asarray(coarse[0], dtype=float)
+    lo, hi = np.nanpercentile(values, [2, 99.5])
+    genes.contrast_limits = (float(lo), float(hi))
+    genes.colormap, genes.blending, genes.opacity = "magma", "translucent", 0.6
+    logger.info("%s (normalised) shown from %.2f to %.2f", SPATIALDATA_GENE, lo, hi)
     viewer.reset_view()
     wait_until(lambda: False, 1.0)
     _save(viewer, out / "spatialdata_napari.png")
