@@ -239,21 +239,9 @@ def render_contrast(out: Path) -> None:
                 ly.visible = False
     viewer.reset_view()
     raise_dock(regions)
-    _scroll_to(section)
     wait_until(lambda: False, 1.0)
     _save(viewer, out / "dock_contrast.png")
     viewer.close()
-
-
-def _scroll_to(widget) -> None:
-    """Scroll the dock's scroll area (if any) so that ``widget`` shows."""
-    from qtpy.QtWidgets import QScrollArea
-
-    node = widget.parentWidget()
-    while node is not None and not isinstance(node, QScrollArea):
-        node = node.parentWidget()
-    if node is not None:
-        node.ensureWidgetVisible(widget, 0, 0)
 
 
 #: Genes shown on HER2ST when the model has them (ERBB2 first: the tumour should light up).
