@@ -1,4 +1,5 @@
-"""npe2 reader: H&E slides, Space Ranger output folders, spatial ``.h5ad`` and GeoJSON shapes.
+"""npe2 reader: H&E slides, Space Ranger output folders, spatial ``.h5ad``, SpatialData ``.zarr``
+stores (their measured bins) and GeoJSON shapes.
 
 ``napari_get_reader`` returns ``None`` for anything it does not recognise and never raises on
 foreign files. Slides (every type :func:`~napari_stmap.core.io.slide.open_slide` reads: the

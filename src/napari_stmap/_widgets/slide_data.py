@@ -65,7 +65,7 @@ class SlideDataWidget(QWidget):
         form.addRow(self.open_slide_btn)
         lay.addWidget(box)
         box, form = group("Measured spots / bins (optional)")
-        self.open_outs_btn = button("Space Ranger folder…", self._on_open_outs_clicked)
+        self.open_outs_btn = button("Space Ranger / SpatialData…", self._on_open_outs_clicked)
         self.open_h5ad_btn = button(".h5ad…", self._on_open_h5ad_clicked)
         form.addRow(row(self.open_outs_btn, self.open_h5ad_btn))
         tip = "Visium HD: which bin size to read (µm)"
@@ -157,7 +157,7 @@ class SlideDataWidget(QWidget):
 
     # --- measured data ---------------------------------------------------------------------
     def _on_open_outs_clicked(self) -> None:
-        path = ask_open_path(self, "Space Ranger outs / binned_outputs folder")
+        path = ask_open_path(self, "Space Ranger outs, binned_outputs or SpatialData .zarr folder")
         if path:
             self.load_spots(path)
 
