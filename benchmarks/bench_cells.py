@@ -6,8 +6,8 @@ the one ``benchmarks/bench_predict_memory.py`` builds), each after ``stmap predi
 store with a random-init default-architecture PixNet (250 genes; weights change neither time
 nor memory). Two runs per slide: ``--segment`` (built-in nucleus segmentation + per-cell sums +
 files) and ``--labels`` on the labels that run kept (per-cell sums + files only). Peak RSS is
-the largest of the child's ``ru_maxrss`` and its process tree's summed RSS (psutil, polled
-every 20 ms). Prints a markdown table with the ratios of this run; the memory of a run must
+the process tree's summed RSS (psutil, polled every 20 ms; not ``ru_maxrss``, which a forked
+child inherits from this process, e.g. after it built the 4× slide). Prints a markdown table with the ratios of this run; the memory of a run must
 not grow with the slide (RSS ÷ section's ≈ 1 while the cells grow 4×).
 
 Usage::
@@ -59,14 +59,15 @@ def run_stmap(argv: list[str]) -> dict:
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    _pid, status, _usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     done.set()
     watcher.join()
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"stmap {' '.join(argv[:1])} failed:\n{stderr}")
-    return {"wall": wall, "rss": max(usage.ru_maxrss * 1024, peak[0]), "stdout": stdout}
+    # the tree's polled RSS, not ru_maxrss: a forked child inherits its parent's high-water mark
+    return {"wall": wall, "rss": peak[0], "stdout": stdout}
 
 
 def n_cells(stdout: str) -> int:

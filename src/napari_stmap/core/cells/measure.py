@@ -236,9 +236,9 @@ def _outline(compact: np.ndarray, j: int, bb, window, f: int) -> list[list[np.nd
     """Outline of compact label ``j`` along its pixels' edges: parts ``[outer, *holes]``.
 
     Marching squares on the mask doubled in size put the contour on the pixel edges (corners
-    cut by a 1/32 px² triangle); collinear points are dropped.
+    cut by a 1/32 px² triangle); collinear points are dropped (:func:`_corners`).
     """
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     y0, x0, y1, x1 = (int(v) for v in bb)
     mask = compact[y0:y1, x0:x1] == j
@@ -246,11 +246,19 @@ def _outline(compact: np.ndarray, j: int, bb, window, f: int) -> list[list[np.nd
     up[1:-1, 1:-1] = np.kron(mask, np.ones((2, 2), dtype=np.float32))
     rings = []
     for c in find_contours(up, 0.5):
-        c = approximate_polygon(c, tolerance=0.01)[:-1]
+        c = _corners(c[:-1])
         if len(c) >= 3:
             yx = ((c - 0.5) / 2.0 + (window[0] + y0, window[1] + x0)) * f
             rings.append(yx)
     return _nest(rings)
+
+
+def _corners(ring: np.ndarray) -> np.ndarray:
+    """Vertices of a closed ring (n, 2) where it turns (collinear middle points dropped)."""
+    before = ring - np.roll(ring, 1, axis=0)
+    after = np.roll(ring, -1, axis=0) - ring
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return ring[np.abs(cross) > 1e-9]
 
 
 def _signed_area(ring: np.ndarray) -> float:
