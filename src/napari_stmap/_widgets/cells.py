@@ -184,11 +184,11 @@ class CellsWidget(QWidget):
         self.cells = cells
         place = layer_placement(cells.origin, cells.factor, self.session.mpp)
         levels = cells.levels if len(cells.levels) > 1 else cells.levels[0]
-        kwargs = {"name": CELLS_LAYER, "opacity": 0.35, **place}
+        kwargs = {"name": CELLS_LAYER, "opacity": 0.8, "units": self.session.units, **place}
         kwargs["metadata"] = {"stmap": {"kind": "cells", "source": cells.kind}}
-        replace_layer(self.viewer, "labels", levels, kwargs)
+        replace_layer(self.viewer, "labels", levels, kwargs).contour = 1  # outlines
         n = cells.table.n
-        self.status.setText(f"{n:,} cells ({cells.kind}); pick a gene to colour them")
+        self.status.setText(f"{n:,} cells ({cells.kind}), coloured by the chosen gene")
         if n == 0:
             notify_info("no cells found here; pan to tissue or choose another source")
         self._on_gene_changed()
@@ -213,6 +213,7 @@ class CellsWidget(QWidget):
             "contrast_limits": limits if limits[1] > limits[0] else (limits[0], limits[0] + 1),
             "multiscale": len(pyramid) > 1,
             "metadata": {"stmap": {"kind": "cell values", "gene": gene, "mode": mode}},
+            "units": self.session.units,
             **layer_placement(c.origin, c.factor, self.session.mpp),
         }
         for name in [ly.name for ly in self.viewer.layers if ly.name.startswith(CELLS_LAYER + " ")]:
