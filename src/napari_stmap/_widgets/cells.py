@@ -236,10 +236,7 @@ class CellsWidget(QWidget):
             notify_error("find cells first", "export")
             return None
         s = self.session
-        prov = {
-            "store": str(s.predictor.store.path) if s.predictor else "",
-            "slide": str(s.slide.path),
-        }
+        prov = {"store": str(s.predictor.store.path) if s.predictor else "", "slide": s.slide.path}
         prov.update(mpp=s.mpp, source=self.cells.kind, expand_um=float(self.expand.value()))
         genes = self.cells.table.output_names[:-1]
         try:
