@@ -385,7 +385,7 @@ def render_spatialdata(out: Path) -> None:
 
 def render_cells(out: Path) -> None:
     """Cells dock: built-in nuclei grown by 3 µm in a zoomed view of the synthetic sample,
-    coloured by a tumour marker's per-cell predicted expression (demo model)."""
+    coloured by a marker gene's per-cell predicted expression (demo model), outlines on top."""
     from napari_stmap._sample_data import ensure_sample
     from napari_stmap.demo import add_docks, ensure_demo_model, raise_dock, wait_until
 
@@ -414,7 +414,8 @@ def render_cells(out: Path) -> None:
         logger.warning("skipping the cells screenshot: the run did not finish")
         viewer.close()
         return
-    gene = "ERBB2" if "ERBB2" in session.model_genes else session.model_genes[0]
+    markers = [g for g in ("ERBB2", "KRT5", "CD3E", "COL1A1") if g in session.model_genes]
+    gene = (markers or session.model_genes)[0]
     cells.gene.setCurrentText(gene)
     cells.show_gene(gene)
     wait_until(lambda: False, 1.5)
