@@ -90,13 +90,15 @@ def build_cells_anndata(
     """AnnData of cells × genes (see the module notes for the layout).
 
     ``table.counts`` holds genes then total; ``with_x=False`` builds everything but ``X`` and
-    ``layers`` (the streaming writer adds those to the file).
+    ``layers`` (the streaming writer adds those to the file), and needs only the total (the
+    last column of ``table.counts``).
     """
     g = len(genes)
     counts = table.counts if table.counts is not None else np.zeros((table.n, g + 1))
+    total = counts[:, -1]
     base = build_anndata(
         counts[:, :g] if with_x else np.zeros((table.n, 0), np.float32),
-        counts[:, g],
+        total,
         list(genes) if with_x else [],
         table.centroid_yx,
         mpp=mpp,
@@ -111,7 +113,7 @@ def build_cells_anndata(
     import anndata as ad
     import pandas as pd
 
-    obs = _obs_frame(table.ids, table.area_px, table.centroid_yx, counts[:, g], mpp)
+    obs = _obs_frame(table.ids, table.area_px, table.centroid_yx, total, mpp)
     var = pd.DataFrame(index=pd.Index(list(genes), name="gene"))
     adata = ad.AnnData(
         X=base.X if with_x else None,
@@ -276,9 +278,7 @@ class CellWriter:
 
         table = CellTable(
             ids=_cat(self._ids, (0,), np.int64),
-            counts=np.column_stack(
-                [np.zeros((self.n, len(self.genes))), _cat(self._total, (0,), float)]
-            ),
+            counts=_cat(self._total, (0,), float)[:, None],  # the total only: no n × G array
             area_px=_cat(self._area, (0,), float),
             centroid_yx=_cat(self._centroid, (0, 2), float),
         )

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], Any] | None
 
 #: Bytes of dense map one tile may read (sets the default tile size from the channel count).
-MAP_BUDGET_BYTES = 128 * 2**20
+MAP_BUDGET_BYTES = 32 * 2**20
 
 
 @dataclass
