@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,10 +230,17 @@ def first_pixels(repeats: int) -> int:
     genes = [f"GENE{i}" for i in range(250)]
     if slide_path is None:
         sample = ensure_sample()
-        slide_path, genes = Path(sample.slide), list(sample.genes)
+        slide_path = Path(sample.slide)
     tmp = Path(tempfile.mkdtemp(prefix="bench_first_"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_predict_memory import default_model
+
+    models = {  # what `stmap train` builds for 100 µm spots, and create_model's default
+        "stmap train's PixNet (resnet10t, 2 µm/px)": default_model(tmp / "train.safetensors"),
+        "create_model('pixnet') (resnet18, 1 µm/px)": tmp / "resnet18.safetensors",
+    }
     torch.manual_seed(0)
-    save_model(create_model("pixnet", genes=genes), tmp / "pixnet.safetensors")
+    save_model(create_model("pixnet", genes=genes).eval(), models[list(models)[1]])
 
     first: dict[str, float] = {}
     original = live_view._LiveArray.__getitem__
@@ -249,7 +257,6 @@ def first_pixels(repeats: int) -> int:
     data, predict, genes_dock = SlideDataWidget(viewer), PredictWidget(viewer), GenesWidget(viewer)
     worker = data.load_slide(slide_path)
     _run(180, lambda: session.slide is not None and (worker is None or not worker.is_running))
-    data.load_model(tmp / "pixnet.safetensors")
     h, w = session.slide.shape_yx
     viewer.camera.center = (h * session.mpp / 2, w * session.mpp / 2)
     viewer.camera.zoom = float(viewer.canvas.size[1]) / 1200.0  # ~1.2 mm across
@@ -260,12 +267,16 @@ def first_pixels(repeats: int) -> int:
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    results: dict[str, list[float]] = {"regular tiles only (before)": [], "preview tiles first": []}
-    gaps: dict[str, list[float]] = {arm: [] for arm in results}
-    tile_info = ""
-    for k in range(repeats * 2):
-        arm = list(results)[k % 2]
-        predictor_module.DEFAULT_PREVIEW_TILES = 4 if k % 2 else 0
+    arms = ("regular tiles only (before)", "preview tiles first")
+    results: dict[tuple[str, str], list[float]] = {}
+    gaps: dict[tuple[str, str], list[float]] = {}
+    tiles: dict[str, str] = {}
+    runs = [(m, arm) for m in models for _ in range(repeats) for arm in arms]
+    for k, (name, arm) in enumerate(runs):
+        if session.model_path != models[name]:
+            data.load_model(models[name])
+            _run(60, lambda n=name: session.model_path == models[n])
+        predictor_module.DEFAULT_PREVIEW_TILES = 4 if arm == arms[1] else 0
         session.drop_predictor()
         session.store_root = tmp / f"stores{k}"  # a fresh store: nothing predicted yet
         for layer in list(genes_dock.gene_layers()):
@@ -274,29 +285,32 @@ def first_pixels(repeats: int) -> int:
         _run(300, lambda: session.predictor is not None and bool(genes_dock.gene_layers()))
         _run(1.0, lambda: False)  # the new layer settles
         pred = session.predictor
-        tile_info = f"tile {pred.spec.tile_px} px, window {pred.spec.window_px} px"
+        tiles[name] = f"tile {pred.spec.tile_px} px, window {pred.spec.window_px} px"
         first.clear()
         ticks.clear()
         timer.start()
         t0 = time.perf_counter()
         predict.predict_view()
         _run(120, lambda: "t" in first)
-        results[arm].append(first.get("t", float("nan")) - t0)
+        results.setdefault((name, arm), []).append(first.get("t", float("nan")) - t0)
         _run(3.0, lambda: False)  # the Qt thread while previews and the first tiles run
         timer.stop()
-        gaps[arm].append(np.diff([t0, *ticks]).max() * 1e3)
+        gaps.setdefault((name, arm), []).append(np.diff([t0, *ticks]).max() * 1e3)
         pred.cancel()
         pred.wait(120)
     load_after = os.getloadavg()[0]
     live_view._LiveArray.__getitem__ = original
-    print(f"slide: {slide_path.name}, model: default PixNet ({tile_info}), {repeats} runs each")
-    print("| click → first heatmap pixel | median | runs | longest Qt gap, first 3 s |")
-    print("|---|---:|---|---:|")
-    for arm, times in results.items():
-        runs = ", ".join(f"{t:.2f}" for t in times)
-        print(f"| {arm} | {np.median(times):.2f} s | {runs} | {max(gaps[arm]):.0f} ms |")
-    a, b = (np.median(v) for v in results.values())
-    print(f"ratio preview / before: {b / a:.2f}")
+    print(f"slide: {slide_path.name}, {repeats} runs each, interleaved")
+    print("| model | click → first heatmap pixel | median | runs | longest Qt gap, first 3 s |")
+    print("|---|---|---:|---|---:|")
+    for (name, arm), times in results.items():
+        cells = ", ".join(f"{t:.2f}" for t in times)
+        gap = max(gaps[name, arm])
+        label = f"{name}; {tiles[name]}"
+        print(f"| {label} | {arm} | {np.median(times):.2f} s | {cells} | {gap:.0f} ms |")
+    for name in models:
+        a, b = (np.median(results[name, arm]) for arm in arms)
+        print(f"ratio preview / before, {name}: {b / a:.2f}")
     print(f"1-min load average before / after: {load_before:.2f} / {load_after:.2f}")
     session.close()
     viewer.close()
