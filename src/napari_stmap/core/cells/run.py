@@ -33,6 +33,8 @@ Progress = Callable[[int, int], Any] | None
 
 #: Halo read around each measurement tile, µm (cells larger than this are measured alone).
 HALO_UM = 40.0
+#: Decoded-embedding cache of the store while cells are measured.
+STORE_CACHE_BYTES = 96 * 2**20
 
 
 def open_cells(
@@ -171,7 +173,9 @@ def run_cells(
     if seg_out is not None and seg_out.exists() and not overwrite:
         msg = f"{seg_out} already exists; choose another --out or pass --overwrite to replace it"
         raise StmapInputError(msg)
-    store = open_store(pred, mode="r")
+    # cells visit each store tile about once, in raster order: a cache of a few rows of tiles,
+    # not the default 512 MB that a large slide would fill (memory flat in slide size)
+    store = open_store(pred, mode="r", cache_bytes=STORE_CACHE_BYTES)
     meta = store.meta["slide"]
     mpp = float(meta["mpp"])
     slide_path = Path(slide) if slide is not None else Path(meta["path"])
