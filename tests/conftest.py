@@ -78,14 +78,12 @@ def one_thread():
 
 
 @pytest.fixture
-def docks(qtbot, tmp_path):
-    """A viewer with the five docks opened the way napari's Plugins menu opens them."""
-    pytest.importorskip("napari")
-    import napari
-
+def docks(make_napari_viewer, tmp_path):
+    """A viewer (napari's own test fixture: plugins registered once, leaks checked) with the
+    five docks opened the way napari's Plugins menu opens them."""
     from napari_stmap._widgets._session import get_session
 
-    viewer = napari.Viewer(show=False)
+    viewer = make_napari_viewer()
     out = {"viewer": viewer}
     for key, name in [
         ("data", "Slide & data"),
