@@ -294,17 +294,25 @@ class CellWriter:
         try:
             adata.write_h5ad(final)
             with h5py.File(final, "r+") as out, h5py.File(self._tmp_h5, "r") as src:
-                out.copy(src["X"], "X")
-                out["layers"].copy(src["lognorm"], "lognorm")
-                for ds in (out["X"], out["layers"]["lognorm"]):
-                    ds.attrs["encoding-type"] = "array"
-                    ds.attrs["encoding-version"] = "0.2.0"
+                _copy_rows(src["X"], out, "X")
+                _copy_rows(src["lognorm"], out["layers"], "lognorm")
             os.replace(final, self.h5ad)
             os.replace(self._tmp_geo, self.geojson)
         finally:
             final.unlink(missing_ok=True)
             self._tmp_h5.unlink(missing_ok=True)
         logger.info("wrote %s and %s (%d cells)", self.h5ad, self.geojson, self.n)
+
+
+def _copy_rows(src, group, name: str, rows: int = 8192) -> None:
+    """Copy an (n, G) HDF5 dataset into ``group[name]`` block by block (memory: one block)."""
+    n, g = src.shape
+    chunks = (min(src.chunks[0], n), max(g, 1)) if n and g else None
+    dst = group.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
+    for start in range(0, src.shape[0], rows):
+        dst[start : start + rows] = src[start : start + rows]
+    dst.attrs["encoding-type"] = "array"
+    dst.attrs["encoding-version"] = "0.2.0"
 
 
 def _cat(parts: list, empty_shape: tuple, dtype) -> np.ndarray:
