@@ -40,7 +40,9 @@ def opened(make_napari_viewer, tmp_path, monkeypatch, small_sample, tiny_model, 
 
 def _run(qtbot, cells) -> None:
     cells.run()
-    qtbot.waitUntil(lambda: cells.run_btn.isEnabled() and cells.cells is not None, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: cells.run_btn.isEnabled() and cells.cells is not None, timeout=TIMEOUT_MS
+    )
 
 
 def test_segment_whole_slide_colour_and_export(opened, qtbot, tmp_path, errors):
