@@ -23,51 +23,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict_memory import SECTION, default_model, mirrored_slide  # noqa: E402
+from bench_predict_memory import (  # noqa: E402
+    SECTION,
+    default_model,
+    mirrored_slide,
+    run_stmap,  # the tree's polled RSS: a forked child inherits its parent's ru_maxrss
+)
 
-STMAP = [sys.executable, "-m", "napari_stmap.cli"]
 GB = 1e9
-
-
-def run_stmap(argv: list[str]) -> dict:
-    """One ``stmap`` process: wall s, peak RSS bytes, stdout."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [*STMAP, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    peak, done = [0], threading.Event()
-
-    def poll() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            done.wait(0.02)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    _pid, status, _usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"stmap {' '.join(argv[:1])} failed:\n{stderr}")
-    # the tree's polled RSS, not ru_maxrss: a forked child inherits its parent's high-water mark
-    return {"wall": wall, "rss": peak[0], "stdout": stdout}
 
 
 def n_cells(stdout: str) -> int:

@@ -105,18 +105,16 @@ def mirrored_slide(section: Path, out: Path) -> Path:
     return out
 
 
-def run_predict(model: Path, slide: Path, out: Path, extra: list[str]) -> dict:
-    """One ``stmap predict`` process: wall s, peak RSS bytes, its plan line and tile counts."""
+def run_stmap(argv: list[str]) -> dict:
+    """One ``stmap`` process: wall s, peak RSS bytes of its process tree (psutil, every 20 ms),
+    its ``ru_maxrss`` in bytes, stdout and stderr; a failure raises with its stderr."""
     import psutil
 
-    shutil.rmtree(out, ignore_errors=True)
-    argv = [*STMAP, "predict", "--model", str(model), "--slide", str(slide), "--out", str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*STMAP, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    tree_peak = [0]
-    done = threading.Event()
+    tree_peak, done = [0], threading.Event()
 
     def poll() -> None:
         root = psutil.Process(proc.pid)
@@ -135,16 +133,29 @@ def run_predict(model: Path, slide: Path, out: Path, extra: list[str]) -> dict:
     done.set()
     watcher.join()
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stmap predict {' '.join(extra)} failed:\n{stderr}")
-    plan = next((ln for ln in stderr.splitlines() if ln.startswith("stmap: batch")), "")
-    shutil.rmtree(out, ignore_errors=True)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"stmap {' '.join(argv)} failed:\n{stderr}")
     return {
         "wall": wall,
-        "rss": max(usage.ru_maxrss * 1024, tree_peak[0]),
+        "rss": tree_peak[0],
+        "maxrss": usage.ru_maxrss * 1024,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
+
+
+def run_predict(model: Path, slide: Path, out: Path, extra: list[str]) -> dict:
+    """One ``stmap predict`` process: wall s, peak RSS bytes, its plan line and tile counts."""
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["predict", "--model", str(model), "--slide", str(slide), "--out", str(out), *extra]
+    r = run_stmap(argv)
+    plan = next((ln for ln in r["stderr"].splitlines() if ln.startswith("stmap: batch")), "")
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "wall": r["wall"],
+        "rss": max(r["maxrss"], r["rss"]),
         "plan": plan,
-        "tiles": stdout.strip().split(": ", 1)[-1],
+        "tiles": r["stdout"].strip().split(": ", 1)[-1],
     }
 
 
