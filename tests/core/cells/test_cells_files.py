@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import anndata as ad
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 
 from napari_stmap.core.cells import (
     ArrayLabels,
+    CellBatch,
+    CellWriter,
     collect,
     iter_cells,
     open_cells,
@@ -108,3 +112,30 @@ def test_bad_cell_files(tmp_path, slide):
         open_cells(slide, segment=True, geojson=tmp_path / "empty.geojson")
     with pytest.raises(StmapInputError, match="distance >= 0"):
         open_cells(slide, labels=None, segment=True, expand_um=-1, bbox_yx=(0, 0, 50, 50))
+
+
+def test_writer_keeps_no_batch_counts(tmp_path):
+    """The streaming writer keeps a few numbers per cell, never a batch's (n, G + 1) counts:
+    a view into them (the total column) once kept every batch alive, so memory grew with the
+    slide (2 KB per cell at 250 genes)."""
+    genes = ["A", "B", "C"]
+    prov = {"store": "pred.zarr", "slide": "he.ome.tif", "mpp": 0.5, "source": "segment"}
+    refs = []
+    with CellWriter(tmp_path / "c.h5ad", genes, mpp=0.5, provenance=prov) as writer:
+        for k in range(3):
+            counts = np.full((4, 4), k + 1.0)
+            refs.append(weakref.ref(counts))
+            ring = np.array([[0.0, 0.0], [0.0, 4.0], [4.0, 4.0], [4.0, 0.0]]) + 10 * k
+            batch = CellBatch(
+                np.arange(4 * k + 1, 4 * k + 5),
+                counts,
+                np.full(4, 16.0),
+                ring[:4] + 2,
+                [[[ring]]] * 4,
+            )
+            writer.add(batch)
+            del batch, counts
+        gc.collect()
+        assert all(r() is None for r in refs)
+    adata = ad.read_h5ad(tmp_path / "c.h5ad")
+    assert adata.n_obs == 12 and np.allclose(adata.obs["total_counts"], np.repeat([1, 2, 3], 4))

@@ -243,7 +243,7 @@ class CellWriter:
         g = len(self.genes)
         counts = batch.counts if batch.counts is not None else np.zeros((batch.n, g + 1))
         x = counts[:, :g].astype(np.float32)
-        total = counts[:, g]
+        total = np.array(counts[:, g], dtype=np.float64)  # a copy: a view would keep counts
         with np.errstate(divide="ignore", invalid="ignore"):
             ln = np.log1p(1e4 * counts[:, :g] / total[:, None])
         ln[~(total > 0)] = np.nan
