@@ -71,6 +71,12 @@ def test_segment_whole_slide_colour_and_export(opened, qtbot, tmp_path, errors):
     want = np.log1p(1e4 * table.counts[k, col] / table.counts[k, -1])
     assert values[y, x] == pytest.approx(want, rel=1e-5)
     assert np.isnan(values[labels == 0]).all()
+    # outlines only when zoomed in (napari draws contours on the Qt thread, per loaded region)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.zoom = 0.1
+    assert layer.contour == 0 and not layer.visible  # the values show, filled labels hidden
+    camera.zoom = 4.0
+    assert layer.contour == 1 and layer.visible
     paths = cells.export(tmp_path / "cells.h5ad")
     back = ad.read_h5ad(paths[0])
     assert back.n_obs == table.n and back.uns["stmap"]["source"] == "segment"

@@ -2,12 +2,10 @@
 
 Cells come from the built-in nucleus segmentation (a simple baseline), a label image (Cellpose,
 StarDist, InstanSeg TIFF), QuPath GeoJSON or a Labels layer of the viewer, for the view or the
-whole slide, optionally grown by some µm into the cytoplasm. They are shown as one Labels layer
-(``stmap: cells``) and a gene as an Image of per-cell values (``stmap: cells GENE``): the values
-are looked up from the labels chunk by chunk (:func:`~napari_stmap.core.cells.view.value_pyramid`),
-so switching genes swaps a lookup table instead of recolouring 100,000 label colours. The work
-runs in a worker (:func:`~napari_stmap.core.cells.view.compute_dock_cells`); export writes
-``cells.h5ad`` + ``cells.geojson`` (:func:`~napari_stmap.core.cells.write_cells`).
+whole slide, optionally grown by some µm into the cytoplasm. Shown as one Labels layer (outlined
+when zoomed in: ``_cell_outlines``) and a gene as an Image of per-cell values looked up from the
+labels chunk by chunk (:func:`~napari_stmap.core.cells.view.value_pyramid`): switching genes
+swaps a lookup table. Work runs in a worker; export writes ``cells.h5ad`` + ``cells.geojson``.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from napari_stmap.core.cells.view import (
 )
 from napari_stmap.core.regions import REGION_TIMEOUT_S
 
+from ._cell_outlines import OutlineSwitch
 from ._dialogs import ask_open_path, ask_save_path
 from ._notify import notify_error, notify_info
 from ._qt import button, combo, refill, row, status_label
@@ -53,6 +52,7 @@ class CellsWidget(QWidget):
         self._worker = None
         self._work = tempfile.TemporaryDirectory(prefix="stmap-cells-")
         self._build()
+        self.outlines = OutlineSwitch(napari_viewer, CELLS_LAYER, CELLS_LAYER + " ")
         self.session.changed.connect(self._on_session_changed)
         self._on_session_changed("model")
 
@@ -186,7 +186,8 @@ class CellsWidget(QWidget):
         levels = cells.levels if len(cells.levels) > 1 else cells.levels[0]
         kwargs = {"name": CELLS_LAYER, "opacity": 0.8, "units": self.session.units, **place}
         kwargs["metadata"] = {"stmap": {"kind": "cells", "source": cells.kind}}
-        replace_layer(self.viewer, "labels", levels, kwargs).contour = 1  # outlines
+        replace_layer(self.viewer, "labels", levels, kwargs)
+        self.outlines.update()  # outlines when zoomed in
         n = cells.table.n
         self.status.setText(f"{n:,} cells ({cells.kind}), coloured by the chosen gene")
         if n == 0:
@@ -223,6 +224,7 @@ class CellsWidget(QWidget):
         cells_layer = owned_layer(self.viewer, CELLS_LAYER)
         if cells_layer is not None:  # the outlines above the values
             self.viewer.layers.move(self.viewer.layers.index(cells_layer), len(self.viewer.layers))
+        self.outlines.update()
         return layer
 
     def _on_export_clicked(self) -> None:

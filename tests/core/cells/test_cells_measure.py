@@ -140,3 +140,22 @@ def test_geometry_only_without_a_prediction():
     outer = cells.outlines[list(ids).index(7)][0][0]
     np.testing.assert_allclose(outer.min(0), [10, 20], atol=0.26)
     np.testing.assert_allclose(outer.max(0), [18, 40], atol=0.26)
+
+
+def test_value_pyramid_direct_table_equals_sorted_lookup():
+    from napari_stmap.core.cells import view
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 60, (64, 80)).astype(np.int32)
+    labels[0, 0] = 999  # a label with no cell in the table
+    ids = np.arange(1, 60)
+    values = rng.random(59).astype(np.float32)
+    direct = np.asarray(view.value_pyramid([labels], ids, values)[0])
+    old, view.DIRECT_LUT_MAX_ID = view.DIRECT_LUT_MAX_ID, 0  # force the sorted lookup
+    try:
+        sorted_ = np.asarray(view.value_pyramid([labels], ids, values)[0])
+    finally:
+        view.DIRECT_LUT_MAX_ID = old
+    np.testing.assert_array_equal(direct, sorted_)
+    assert np.isnan(direct[labels == 0]).all() and np.isnan(direct[0, 0])
+    assert direct[labels == 5][0] == values[4]
