@@ -4,8 +4,9 @@ napari computes a Labels layer's contour on the Qt thread for every region it lo
 60 ms per 1,024² label block), so with a whole slide of cells every zoom step froze the viewer
 for up to a second (``benchmarks/bench_cells_viewer.py``). Zoomed out, a nucleus is a dot and
 its outline cannot be seen anyway: there the cells layer is drawn filled, or hidden while a gene
-image shows the cells' values; zoomed in (a nucleus of ~8 µm at least 6 screen px) it shows
-outlines over the values.
+image shows the cells' values; zoomed in (a nucleus of ~8 µm at least 16 screen px, so a 1 px
+outline leaves most of it to the value, and the region napari loads is small) it shows outlines
+over the values.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from ._viewer import camera_of, owned_layer
 
 #: Zoom (screen px per µm) from which cell outlines are drawn.
-OUTLINE_ZOOM = 0.75
+OUTLINE_ZOOM = 2.0
 
 
 class OutlineSwitch:
