@@ -335,3 +335,13 @@ def test_chebyshev_segment_distance_matches_sampling() -> None:
     ref = np.abs(pts).max(axis=2).min(axis=1)
     np.testing.assert_allclose(got, ref, atol=1e-3)
     assert (got <= ref + 1e-12).all()
+
+
+def test_point_in_ring_even_odd():
+    from napari_stmap.core.geometry import point_in_ring
+
+    square = np.array([[0.0, 0.0], [0.0, 10.0], [10.0, 10.0], [10.0, 0.0]])  # (y, x)
+    assert point_in_ring((5.0, 5.0), square) and not point_in_ring((5.0, 12.0), square)
+    notch = np.array([[0, 0], [0, 10], [10, 10], [10, 6], [4, 6], [4, 4], [10, 4], [10, 0]])
+    assert not point_in_ring((7.0, 5.0), notch)  # in the notch cut from the bottom
+    assert point_in_ring((2.0, 5.0), notch) and point_in_ring((7.0, 2.0), notch)

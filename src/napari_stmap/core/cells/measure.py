@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..aggregate import aggregate
-from ..geometry import box_weights
+from ..geometry import box_weights, point_in_ring
 from .labels import LabelSource
 
 __all__ = ["CellBatch", "CellTable", "collect", "iter_cells", "label_runs", "tile_px_for"]
@@ -276,19 +276,9 @@ def _nest(rings: list[np.ndarray]) -> list[list[np.ndarray]]:
     parts = [[o] for o in outers]
     for r, a in zip(rings, areas, strict=True):
         if np.sign(a) != sign:
-            host = next((p for p in parts if _inside(r[0], p[0])), parts[0])
+            host = next((p for p in parts if point_in_ring(r[0], p[0])), parts[0])
             host.append(r)
     return parts
-
-
-def _inside(point: np.ndarray, ring: np.ndarray) -> bool:
-    y, x = point
-    ys, xs = ring[:, 0], ring[:, 1]
-    ys2, xs2 = np.roll(ys, -1), np.roll(xs, -1)
-    crosses = (ys > y) != (ys2 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cut = xs + (y - ys) * (xs2 - xs) / (ys2 - ys)
-    return bool(np.count_nonzero(crosses & (x < cut)) % 2)
 
 
 def _large_cells(labels, source, emitted, seen, boxes, outlines) -> Iterator[CellBatch]:

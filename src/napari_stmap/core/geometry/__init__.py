@@ -38,12 +38,14 @@ Modules
 ``_mapgrid`` (:class:`MapGrid`), ``_footprints`` (the shapes, :func:`disks`, :func:`squares`),
 ``_region`` (:class:`Region`, :func:`rectangle_from_corners`), ``_coverage`` (exact kernels),
 ``_weights`` (:func:`coverage`, :func:`weight_matrix`, :func:`box_weights`), ``_grids`` (:func:`spot_grid`),
-``_turns`` (:func:`turn_points`, :func:`turn_image`), ``_common`` (checks, constants).
+``_turns`` (:func:`turn_points`, :func:`turn_image`), ``_common`` (checks, constants,
+:func:`point_in_ring`).
 This module is the public face: import from ``napari_stmap.core.geometry``.
 """
 
 from __future__ import annotations
 
+from ._common import point_in_ring
 from ._footprints import Disk, Ellipse, Footprint, Polygon, Rectangle, Square, disks, squares
 from ._grids import spot_grid
 from ._mapgrid import MapGrid
@@ -63,6 +65,7 @@ __all__ = [
     "box_weights",
     "coverage",
     "disks",
+    "point_in_ring",
     "rectangle_from_corners",
     "spot_grid",
     "squares",

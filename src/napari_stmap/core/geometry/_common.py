@@ -1,4 +1,5 @@
-"""Checks and constants shared by the geometry modules: (y, x) pairs, finite sizes, bboxes.
+"""Checks and constants shared by the geometry modules: (y, x) pairs, finite sizes, bboxes;
+the even-odd point-in-ring test.
 
 Positions and sizes are level-0 slide px, axis order (y, x).
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from ..errors import StmapInputError
 
@@ -37,3 +40,16 @@ def _pair(name: str, value: Sequence[float], *, positive: bool = False) -> tuple
         msg = f"{name}={value!r} is not valid: pass two {need}."
         raise StmapInputError(msg)
     return pair
+
+
+def point_in_ring(point_yx: Sequence[float], ring_yx: np.ndarray) -> bool:
+    """Even-odd test of one point (y, x) against a closed ring ``(n, 2)`` of (y, x) vertices
+    (any units, the same for both; the ring need not repeat its first vertex)."""
+    y, x = point_yx
+    ring_yx = np.asarray(ring_yx, dtype=float)
+    ys, xs = ring_yx[:, 0], ring_yx[:, 1]
+    ys2, xs2 = np.roll(ys, -1), np.roll(xs, -1)
+    crosses = (ys > y) != (ys2 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_cut = xs + (y - ys) * (xs2 - xs) / (ys2 - ys)
+    return bool(np.count_nonzero(crosses & (x < x_cut)) % 2)

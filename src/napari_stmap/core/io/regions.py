@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import StmapInputError
-from ..geometry import Disk, Footprint, Polygon, Region, rectangle_from_corners
+from ..geometry import Disk, Footprint, Polygon, Region, point_in_ring, rectangle_from_corners
 
 logger = logging.getLogger(__name__)
 
@@ -337,20 +337,9 @@ def nest_holes(outers: list[Footprint], holes: list[Footprint]) -> list[list[Foo
     polys = [[fp] for fp in outers]
     for hole in holes:
         point = np.asarray(hole.outline_yx(ELLIPSE_VERTICES)).mean(axis=0)
-        inside = [_inside(point, o.outline_yx(ELLIPSE_VERTICES)) for o in outers]
+        inside = [point_in_ring(point, o.outline_yx(ELLIPSE_VERTICES)) for o in outers]
         polys[inside.index(True) if any(inside) else 0].append(hole)
     return polys
-
-
-def _inside(point_yx: np.ndarray, ring_yx: np.ndarray) -> bool:
-    """Even-odd test of one point (y, x) against a ring (n, 2) (y, x)."""
-    y, x = point_yx
-    ys, xs = ring_yx[:, 0], ring_yx[:, 1]
-    ys2, xs2 = np.roll(ys, -1), np.roll(xs, -1)
-    crosses = (ys > y) != (ys2 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_cut = xs + (y - ys) * (xs2 - xs) / (ys2 - ys)
-    return bool(np.count_nonzero(crosses & (x < x_cut)) % 2)
 
 
 # --------------------------------------------------------------------------------- names
