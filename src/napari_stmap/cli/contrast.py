@@ -81,12 +81,12 @@ def _add_contrast(sub) -> None:
 def cmd_contrast(args) -> int:
     """``stmap contrast --pred STORE --shapes F --a A --b B|rest --out OUT.csv``."""
     from ..core.contrast import REST, find_region
-    from ..core.export import _target
+    from ..core.export import check_output
     from ..core.extent import check_regions_on_slide
     from ..core.io.regions import read_geojson
     from ..core.store import open_store
 
-    _target(args.out, (".csv",), args.overwrite)  # fail before any work
+    check_output(args.out, (".csv",), args.overwrite)  # fail before any work
     if args.top < 0:
         msg = f"--top {args.top}: pass a number of genes >= 0"
         raise StmapInputError(msg)

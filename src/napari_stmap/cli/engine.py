@@ -189,13 +189,13 @@ def _add_aggregate(sub) -> None:
 
 def cmd_aggregate(args) -> int:
     """``stmap aggregate --pred STORE (--shapes F | --grid UM) --out OUT``."""
-    from ..core.export import _target
+    from ..core.export import check_output
     from ..core.extent import check_regions_on_slide
     from ..core.io.regions import read_geojson
     from ..core.predict import StoreSource
     from ..core.store import open_store
 
-    _target(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
+    check_output(args.out, (".h5ad", ".csv"), args.overwrite)  # fail before any work
     store = open_store(args.pred, mode="r")
     mpp = float(store.meta["slide"]["mpp"])
     if args.shapes:

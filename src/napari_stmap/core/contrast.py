@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StmapInputError
-from .export import _atomic, _target
+from .export import _atomic, check_output
 from .geometry import Footprint, Region, spot_grid
 from .metrics import normalize_expression
 from .tiling import TissueMask
@@ -231,7 +231,7 @@ class ContrastResult:
 
     def write_csv(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write :meth:`table` to ``path`` (.csv) atomically; refuse to replace a file unless asked."""
-        path = _target(path, (".csv",), overwrite)
+        path = check_output(path, (".csv",), overwrite)
         with _atomic(path) as tmp:
             self.table().to_csv(tmp, index=False)
         return path

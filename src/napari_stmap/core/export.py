@@ -22,7 +22,7 @@ from .errors import StmapInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_anndata", "write_anndata", "write_csv", "write_regions"]
+__all__ = ["build_anndata", "check_output", "write_anndata", "write_csv", "write_regions"]
 
 
 def build_anndata(
@@ -124,7 +124,7 @@ def _check_lengths(n: int, **arrays) -> None:
 
 def write_anndata(adata, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``adata`` to ``path`` (.h5ad) atomically; refuse to replace a file unless asked."""
-    path = _target(path, (".h5ad",), overwrite)
+    path = check_output(path, (".h5ad",), overwrite)
     with _atomic(path) as tmp:
         adata.write_h5ad(tmp)
     logger.info("wrote %s (%d regions × %d genes)", path, adata.n_obs, adata.n_vars)
@@ -140,7 +140,7 @@ def write_csv(
     """
     import pandas as pd
 
-    path = _target(path, (".csv",), overwrite)
+    path = check_output(path, (".csv",), overwrite)
     values = adata.X if layer is None else adata.layers[layer]
     table = pd.concat(
         [
@@ -162,7 +162,9 @@ def write_regions(adata, path: str | Path, *, overwrite: bool = False) -> Path:
     return write_anndata(adata, path, overwrite=overwrite)
 
 
-def _target(path: str | Path, suffixes: tuple[str, ...], overwrite: bool) -> Path:
+def check_output(path: str | Path, suffixes: tuple[str, ...], overwrite: bool) -> Path:
+    """An output path, refused in one line before any work: another type than ``suffixes``,
+    an existing file or folder (unless ``overwrite``), or a missing parent folder."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         msg = f"{path}: unsupported output type {path.suffix!r}; use one of {', '.join(suffixes)}"

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StmapInputError
+from .export import check_output
 from .geometry import Disk, Region
 
 logger = logging.getLogger(__name__)
@@ -283,19 +284,7 @@ def _check_cells_slide(h5ad: Path, adata: Any, store_meta: dict) -> None:
 # ---------------------------------------------------------------------------------- write
 def check_target(out: str | Path, *, overwrite: bool) -> Path:
     """The output store path, refused when it exists (unless ``overwrite``) or is not ``.zarr``."""
-    out = Path(out)
-    if out.suffix != ".zarr":
-        msg = (
-            f"{out}: a SpatialData store is a folder ending in .zarr; name it e.g. {out.stem}.zarr"
-        )
-        raise StmapInputError(msg)
-    if out.exists() and not overwrite:
-        msg = f"{out} already exists; choose another name or pass --overwrite to replace it"
-        raise StmapInputError(msg)
-    if not out.parent.is_dir():
-        msg = f"{out}: folder {out.parent} does not exist; create it first"
-        raise StmapInputError(msg)
-    return out
+    return check_output(out, (".zarr",), overwrite)
 
 
 def write_spatialdata(

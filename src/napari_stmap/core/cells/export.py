@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StmapInputError
-from ..export import _target, build_anndata
+from ..export import build_anndata, check_output
 from .measure import CellBatch, CellTable
 
 __all__ = [
@@ -51,7 +51,7 @@ def geojson_path(h5ad: str | Path) -> Path:
 
 def check_targets(path: str | Path, *, overwrite: bool) -> tuple[Path, Path]:
     """``(cells.h5ad, cells.geojson)``, refused before any work if either exists (no overwrite)."""
-    h5ad = _target(path, (".h5ad",), overwrite)
+    h5ad = check_output(path, (".h5ad",), overwrite)
     geo = geojson_path(h5ad)
     if geo.exists() and not overwrite:
         msg = f"{geo} already exists; choose another --out or pass --overwrite to replace it"
