@@ -54,6 +54,7 @@ from bench_predict_memory import (  # noqa: E402
     mirrored_slide,
     run_stmap,
 )
+from bench_viewer import virtual_display  # noqa: E402
 
 DEV = Path("/tmp/cells_dev")
 QUIET_S = 0.05  # a step ends when no frame came for this long
@@ -206,12 +207,7 @@ def main(argv=None) -> int:
     slide_path, model_path, labels_path, store = ensure_inputs(args)
 
     load_before = os.getloadavg()[0]
-    display = None
-    if not os.environ.get("DISPLAY"):  # napari draws only when shown: a virtual X display
-        from pyvirtualdisplay import Display
-
-        display = Display(visible=False, size=(1600, 1000), color_depth=24)
-        display.start()
+    display = virtual_display()
     logging.basicConfig(level=logging.WARNING)
     import napari
 

@@ -46,6 +46,18 @@ from pathlib import Path
 import numpy as np
 
 
+def virtual_display():
+    """A started virtual X display (Xvfb) when there is no display, else None (napari needs
+    OpenGL, and draws only when shown; ``QT_QPA_PLATFORM=offscreen`` has none)."""
+    if os.environ.get("DISPLAY"):
+        return None
+    from pyvirtualdisplay import Display
+
+    display = Display(visible=False, size=(1600, 1000), color_depth=24)
+    display.start()
+    return display
+
+
 def _run(seconds_max: float, predicate) -> None:
     from qtpy.QtWidgets import QApplication
 
@@ -65,12 +77,7 @@ def main(argv=None) -> int:
     if args.first_pixels:
         return first_pixels(args.repeats)
     load_before = os.getloadavg()[0]
-    display = None
-    if not os.environ.get("DISPLAY"):  # napari needs OpenGL: a virtual X display (Xvfb)
-        from pyvirtualdisplay import Display
-
-        display = Display(visible=False, size=(1600, 1000), color_depth=24)
-        display.start()
+    display = virtual_display()
     logging.basicConfig(level=logging.WARNING)
     import napari
     import torch
@@ -207,12 +214,7 @@ def _her2st_c2() -> Path | None:
 def first_pixels(repeats: int) -> int:
     """Click "Predict view" -> first non-NaN heatmap pixel napari gets, previews on vs off."""
     load_before = os.getloadavg()[0]
-    display = None
-    if not os.environ.get("DISPLAY"):
-        from pyvirtualdisplay import Display
-
-        display = Display(visible=False, size=(1600, 1000), color_depth=24)
-        display.start()
+    display = virtual_display()
     logging.basicConfig(level=logging.WARNING)
     import napari
     import torch
