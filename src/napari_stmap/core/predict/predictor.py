@@ -40,7 +40,6 @@ from .preview import (
     preview_spec,
     preview_tile_px,
     run_preview,
-    small_tissue,
 )
 from .reader import DEFAULT_IMAGE_CACHE_BYTES, SlideReader, Tile, as_slide
 from .scheduler import TileScheduler
@@ -368,7 +367,7 @@ class Predictor:
             reader.cache = self.reader.cache  # decoded slide blocks are shared
             # on the display mask (tissue + 8 µm), not the planning one (+ one halo): a
             # preview on glass would be hidden
-            self._preview = (reader, small_tissue(self.display_mask(), small))
+            self._preview = (reader, tissue_tiles(self.display_mask(), small))
         return self._preview[0]
 
     def _run_preview(self, box: tuple[float, ...]) -> None:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..store import TODO, PredictionStore
-from ..tiling import TileSpec, TissueMask, tissue_tiles
+from ..tiling import TileSpec
 from .pipeline import embed_windows
 from .reader import SlideReader, Tile
 
@@ -38,7 +38,6 @@ __all__ = [
     "preview_spec",
     "preview_tile_px",
     "run_preview",
-    "small_tissue",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,8 +144,3 @@ def run_preview(
             if on_tile is not None:
                 on_tile(p.tile)
     return kept
-
-
-def small_tissue(mask: TissueMask | None, small: TileSpec) -> np.ndarray:
-    """Bool grid of ``small``: which preview tiles touch tissue (all without a mask)."""
-    return tissue_tiles(mask, small)
